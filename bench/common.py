@@ -1,0 +1,367 @@
+"""Shared benchmark plumbing: one row per measurement, timing, peak memory, and a results file.
+
+Every benchmark script in ``bench/`` measures a few implementations of one op over a grid of
+cases and records each measurement as a :class:`Row`. Rows go into
+``bench/results/<bench>-<device slug>.json`` as soon as they are measured (atomically: write a
+temporary file, then ``os.replace``), grouped per run with an environment record (device,
+library versions, git commit and dirty flag, host, time), so a run killed half-way still
+leaves what it measured and older runs on the same device are kept beside newer ones.
+
+Timing. CUDA: ``triton.testing.do_bench`` (it synchronizes, flushes L2 between calls and
+returns quantiles). CPU: ``time.perf_counter`` around each call after a warm-up, repeated
+until a time budget is spent. Both give median, 20th and 80th percentiles in milliseconds.
+
+Peak memory is the extra memory one call needs above what was allocated before it
+(inputs excluded; outputs, saved activations and gradients included). CUDA: from
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: torch keeps no
+allocator statistics there and ``tracemalloc`` does not see its allocations, so we reset the
+kernel's peak-RSS counter (``/proc/self/clear_refs``, value 5) and report ``VmHWM`` minus the
+``VmRSS`` before the call. That is exact for large tensors (glibc serves blocks above 32 MB
+with ``mmap``, returned to the OS on free) and can under-count small ones that reuse heap
+pages already resident; it is ``None`` where ``/proc`` does not allow the reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATUSES = ("ok", "oom", "skipped", "error")
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Row:
+    """One measurement: implementation ``impl`` of benchmark ``bench`` on one case, one mode.
+
+    ``case`` holds the case parameters (e.g. ``{"B": 4096, "d": 128, "dtype": "float32"}``);
+    ``metrics`` holds derived numbers (TFLOP/s, pairs/s, ratios to a baseline). Times are in
+    milliseconds per call; ``peak_mb`` is the extra memory of one call in MiB (see module doc).
+    A row with ``status`` other than "ok" says why in ``reason`` and has no times.
+    """
+
+    bench: str
+    impl: str
+    mode: str
+    case: dict[str, Any]
+    status: str = "ok"
+    reason: str = ""
+    ms_median: float | None = None
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    repeats: int | None = None
+    peak_mb: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Timing:
+    """Quantiles of the per-call time in milliseconds over ``repeats`` timed calls."""
+
+    median: float
+    p20: float
+    p80: float
+    repeats: int | None
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    bench: str,
+    impl: str,
+    mode: str,
+    case: dict[str, Any],
+    device: torch.device,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    budget_s: float = 1.0,
+    with_memory: bool = True,
+) -> Row:
+    """Time ``fn`` and measure its peak memory; an out-of-memory error becomes an "oom" row.
+
+    ``grad_to_none`` lists leaf tensors whose ``.grad`` is cleared before each call, so a
+    forward+backward benchmark measures the same work (and memory) every time.
+    """
+    row = Row(bench=bench, impl=impl, mode=mode, case=dict(case))
+    try:
+        if with_memory:
+            row.peak_mb = peak_memory_mb(fn, device, grad_to_none=grad_to_none)
+        timing = time_fn(fn, device, grad_to_none=grad_to_none, budget_s=budget_s)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, OOM is told apart
+        release_memory(device)
+        row.status = "oom" if is_oom(exc) else "error"
+        row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return row
+    row.ms_median, row.ms_p20, row.ms_p80, row.repeats = timing.median, timing.p20, timing.p80, timing.repeats
+    release_memory(device)
+    return row
+
+
+def skipped(*, bench: str, impl: str, mode: str, case: dict[str, Any], reason: str) -> Row:
+    return Row(bench=bench, impl=impl, mode=mode, case=dict(case), status="skipped", reason=reason)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    budget_s: float = 1.0,
+    min_repeats: int = 3,
+    max_repeats: int = 1000,
+) -> Timing:
+    """Per-call time quantiles of ``fn`` on ``device`` (see the module docstring for how)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        warmup_ms = max(5.0, 0.25 * budget_s * 1e3)
+        med, p20, p80 = do_bench(
+            fn, warmup=warmup_ms, rep=budget_s * 1e3, grad_to_none=list(grad_to_none) or None, quantiles=[0.5, 0.2, 0.8]
+        )
+        return Timing(median=med, p20=p20, p80=p80, repeats=None)  # do_bench chooses and hides it
+
+    def call() -> float:
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    first = call()  # warm-up, also the cost estimate
+    repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
+    times = [call() for _ in range(repeats)]
+    return _quantiles(times)
+
+
+def peak_memory_mb(
+    fn: Callable[[], Any], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] = ()
+) -> float | None:
+    """Extra memory (MiB) one call of ``fn`` needs above what is allocated before it."""
+    _clear_grads(grad_to_none)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not _reset_peak_rss():
+        fn()
+        return None
+    base = _proc_status_kb("VmRSS")
+    out = fn()
+    peak = _proc_status_kb("VmHWM")
+    del out
+    return max(0.0, (peak - base) / 1024)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def environment(device: torch.device, extra_packages: Iterable[str] = ()) -> dict[str, Any]:
+    """Where and with what a run was measured: device, versions, git commit, host, time."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", *extra_packages):
+        versions[name] = _package_version(name)
+    commit, dirty = _git_state()
+    return {
+        "device": device_name(device),
+        "device_slug": device_slug(device),
+        "device_type": device.type,
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "hostname": socket.gethostname(),
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name for the device, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc-2c``."""
+    if device.type == "cuda":
+        text = torch.cuda.get_device_name(device)
+    else:
+        text = "cpu " + device_name(device).split(" (")[0] + f" {os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+class ResultsFile:
+    """The results JSON of one benchmark on one device; each :meth:`add` rewrites it atomically.
+
+    Layout: ``{"bench": name, "runs": [{"run_id", "env", "rows": [Row as dict, ...]}, ...]}``.
+    One writer per file at a time (runs of the same benchmark on the same device are serial).
+    """
+
+    def __init__(self, bench: str, device: torch.device, *, results_dir: Path | str = RESULTS_DIR,
+                 extra_packages: Iterable[str] = ()) -> None:
+        self.bench = bench
+        self.path = Path(results_dir) / f"{bench}-{device_slug(device)}.json"
+        self.run = {
+            "run_id": f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
+            "env": environment(device, extra_packages),
+            "rows": [],
+        }
+
+    def add(self, row: Row) -> Row:
+        self.run["rows"].append(dataclasses.asdict(row))
+        data = load_results(self.path) if self.path.exists() else {"bench": self.bench, "runs": []}
+        runs = [r for r in data["runs"] if r["run_id"] != self.run["run_id"]]
+        data["runs"] = runs + [self.run]
+        write_json_atomic(self.path, data)
+        return row
+
+
+def load_results(path: Path | str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows_of(data: dict[str, Any], latest_only: bool = False) -> list[tuple[dict[str, Any], Row]]:
+    """(env, Row) pairs from a loaded results file, optionally only the newest run's."""
+    runs = data["runs"][-1:] if latest_only else data["runs"]
+    return [(run["env"], Row(**row)) for run in runs for row in run["rows"]]
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_table(rows: Sequence[Row], metric_keys: Sequence[str] = ()) -> str:
+    """A fixed-width text table of rows: case, impl, mode, time quantiles, memory, metrics."""
+    header = ["case", "impl", "mode", "median ms", "p20-p80 ms", "peak MiB", *metric_keys, "status"]
+    lines = [header]
+    for r in rows:
+        case = " ".join(f"{k}={v}" for k, v in r.case.items())
+        if r.ok:
+            spread = f"{_fmt(r.ms_p20)}-{_fmt(r.ms_p80)}"
+            cells = [case, r.impl, r.mode, _fmt(r.ms_median), spread, _fmt(r.peak_mb)]
+        else:
+            cells = [case, r.impl, r.mode, "-", "-", "-"]
+        cells += [_fmt(r.metrics.get(k)) for k in metric_keys]
+        cells.append(r.status if r.ok else f"{r.status}: {r.reason[:60]}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0 or 0.01 <= abs(x) < 1e5:
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return f"{x:.2e}"
+
+
+def _quantiles(times_ms: list[float]) -> Timing:
+    if len(times_ms) == 1:
+        t = times_ms[0]
+        return Timing(t, t, t, 1)
+    deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
+    return Timing(median=statistics.median(times_ms), p20=deciles[1], p80=deciles[7], repeats=len(times_ms))
+
+
+def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
