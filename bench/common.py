@@ -19,6 +19,9 @@ kernel's peak-RSS counter (``/proc/self/clear_refs``, value 5) and report ``VmHW
 ``VmRSS`` before the call. That is exact for large tensors (glibc serves blocks above 32 MB
 with ``mmap``, returned to the OS on free) and can under-count small ones that reuse heap
 pages already resident; it is ``None`` where ``/proc`` does not allow the reset.
+
+Benchmark scripts run from the repository root as ``python -m bench.bench_<name>`` and
+import this module as ``from bench.common import ...``.
 """
 
 from __future__ import annotations
