@@ -1,0 +1,123 @@
+// probe_linear: input checks, the shared ATen prologue and the CPU kernel of the fused update.
+// Shapes and maths: probe_linear.h. Reference: dcr_fast/ntk/probe_ops.py.
+#include "probe_linear.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace dcr_fast {
+namespace {
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "probe_linear: ", name, " must have the dtype of x (",
+              x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "probe_linear: ", name, " must be on the device of x (", x.device(),
+              "), got ", t.device());
+}
+
+}  // namespace
+
+ProbeLinearPrologue probe_linear_prologue(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const at::Tensor& a, const at::Tensor& d,
+                                          const std::optional<at::Tensor>& d_bias,
+                                          const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 3, "probe_linear: x must be [P, M, d_in] (directions, rows, features), got shape ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "probe_linear: x must be floating point, got ",
+              x.scalar_type());
+  const int64_t P = x.size(0), M = x.size(1), K = x.size(2);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "probe_linear: weight must be [d_out, d_in] with d_in = ",
+              K, " (x.size(2)), got shape ", weight.sizes());
+  const int64_t N = weight.size(0);
+  check_same(weight, "weight", x);
+  TORCH_CHECK(a.dim() == 3 && a.size(2) == K, "probe_linear: a must be [F, T, d_in] with d_in = ", K,
+              ", got shape ", a.sizes());
+  const int64_t F = a.size(0), T = a.size(1);
+  TORCH_CHECK(d.dim() == 3 && d.size(0) == F && d.size(1) == T && d.size(2) == N,
+              "probe_linear: d must be [F, T, d_out] = [", F, ", ", T, ", ", N, "] to match a and weight, got shape ",
+              d.sizes());
+  check_same(a, "a", x);
+  check_same(d, "d", x);
+  TORCH_CHECK(F > 0 ? P % F == 0 : P == 0, "probe_linear: the number of directions P = x.size(0) = ", P,
+              " must be a multiple of the number of factor pairs F = a.size(0) = ", F);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == P && at::isFloatingType(scale.scalar_type()),
+              "probe_linear: scale must be a 1-D floating tensor of P = ", P, " steps, got ", scale.scalar_type(),
+              " of shape ", scale.sizes());
+  TORCH_CHECK(scale.device() == x.device(), "probe_linear: scale must be on the device of x (", x.device(),
+              "), got ", scale.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "probe_linear: bias must be [d_out] = [", N,
+                "], got shape ", bias->sizes());
+    check_same(*bias, "bias", x);
+  }
+  if (d_bias.has_value()) {
+    TORCH_CHECK(d_bias->dim() == 2 && d_bias->size(0) == F && d_bias->size(1) == N,
+                "probe_linear: d_bias must be [F, d_out] = [", F, ", ", N, "], got shape ", d_bias->sizes());
+    check_same(*d_bias, "d_bias", x);
+  }
+
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  ProbeLinearPrologue out;
+  const at::Tensor x2 = x.reshape({P * M, K});
+  out.y = (bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t())).view({P, M, N});
+  // Grouping the directions as [P / F, F] lets one broadcast GEMM serve every block without
+  // repeating a; u is small (M x T per direction), so it is kept in the accumulation type.
+  const int64_t R = F > 0 ? P / F : 0;
+  out.u = at::matmul(x.to(acc_type).reshape({R, F, M, K}), a.to(acc_type).transpose(1, 2))
+              .reshape({P, M, T})
+              .contiguous();
+  out.d = d.contiguous();
+  if (d_bias.has_value()) out.d_bias = d_bias->contiguous();
+  out.scale = scale.to(acc_type).contiguous();
+  return out;
+}
+
+namespace {
+
+template <typename scalar_t>
+void probe_linear_update_cpu(ProbeLinearPrologue& pr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t P = pr.y.size(0), M = pr.y.size(1), N = pr.y.size(2);
+  const int64_t F = pr.d.size(0), T = pr.d.size(1);
+  scalar_t* y = pr.y.data_ptr<scalar_t>();
+  const acc_t* u = pr.u.data_ptr<acc_t>();
+  const scalar_t* d = pr.d.data_ptr<scalar_t>();
+  const scalar_t* d_bias = pr.d_bias.defined() ? pr.d_bias.data_ptr<scalar_t>() : nullptr;
+  const acc_t* scale = pr.scale.data_ptr<acc_t>();
+  // Chunks of consecutive rows mostly share one direction, so D[f] stays hot in cache.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * N));
+  at::parallel_for(0, P * M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(N);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t p = row / M, f = p % F;
+      const scalar_t* d_f = d + f * T * N;
+      for (int64_t j = 0; j < N; ++j) acc[j] = d_bias ? static_cast<acc_t>(d_bias[f * N + j]) : acc_t(0);
+      for (int64_t t = 0; t < T; ++t) {
+        const acc_t c = u[row * T + t];
+        const scalar_t* d_ft = d_f + t * N;
+        for (int64_t j = 0; j < N; ++j) acc[j] += c * static_cast<acc_t>(d_ft[j]);
+      }
+      const acc_t s = scale[p];
+      scalar_t* y_row = y + row * N;
+      for (int64_t j = 0; j < N; ++j) y_row[j] = static_cast<scalar_t>(static_cast<acc_t>(y_row[j]) + s * acc[j]);
+    }
+  });
+}
+
+at::Tensor probe_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& a, const at::Tensor& d, const std::optional<at::Tensor>& d_bias,
+                            const at::Tensor& scale) {
+  ProbeLinearPrologue pr = probe_linear_prologue(x, weight, bias, a, d, d_bias, scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.y.scalar_type(), "probe_linear_cpu",
+                                  [&] { probe_linear_update_cpu<scalar_t>(pr); });
+  return pr.y;
+}
+
+}  // namespace
+}  // namespace dcr_fast
+
+TORCH_LIBRARY_IMPL(dcr_fast, CPU, m) { m.impl("probe_linear", &dcr_fast::probe_linear_cpu); }
