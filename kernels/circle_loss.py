@@ -1,0 +1,284 @@
+"""Triton kernels for the fused Circle loss: per-row log-sum-exps without a B×M matrix.
+
+The Circle loss of anchor row i only needs two numbers from the whole similarity row
+s_i· = x̂_i · r̂ᵀ: the log-sum-exp of the positive logits and of the negative logits
+
+    lse_p[i] = LSE_{j ∈ P(i)} -γ·α_p(s_ij)·(s_ij - Δp),   α_p = [o_p - s]₊ (detached)
+    lse_n[i] = LSE_{j ∈ N(i)}  γ·α_n(s_ij)·(s_ij - Δn),   α_n = [s - o_n]₊ (detached)
+
+with P(i) = same label (minus the diagonal when the reference set is the batch itself) and
+N(i) = other label. The forward kernel streams column tiles of r̂ past a block of rows and
+keeps a running max and rescaled sum per row for each set (online log-sum-exp), so memory is
+O(B) beyond the inputs. Everything after the two log-sum-exps (softplus, masks, the mean over
+non-zero rows) is O(B) work done in PyTorch by the caller.
+
+The backward turns upstream gradients g_p, g_n (one per row) into
+
+    dS_ij = g_p[i]·softmax_p(i)_j·(-γ·α_p) + g_n[i]·softmax_n(i)_j·(γ·α_n)
+
+recomputed tile by tile, and contracts it two ways: dX̂ = dS·R̂ and dR̂ = dSᵀ·X̂.
+* Small d (≤ ``FUSED_BWD_MAX_D``): two fully fused kernels, one owning a row block (dX̂) and
+  one owning a column block (dR̂); each recomputes its S tiles, nothing B×M is written.
+* Large d: a fused kernel would recompute S once per d-chunk of the output; instead a row
+  chunk of dS (chunk×M, bounded by ``DS_CHUNK_BYTES``) is written by a kernel and contracted
+  with two cuBLAS products, which is within a small factor of the unavoidable matmul cost.
+
+Accumulation is fp32 (fp64 for fp64 inputs). fp32 dots honour
+``torch.backends.cuda.matmul.allow_tf32`` (IEEE unless TF32 is allowed, as torch.matmul).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FUSED_BWD_MAX_D = 256
+DS_CHUNK_BYTES = 256 * 2**20
+
+# The CPU interpreter runs the same kernels for tests; it cannot do bf16 dots (garbage) and
+# is slow on big tiles, so tiles are up-cast and kept small there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r,
+              BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr):
+    """S[rows, cols] = X̂[rows] · R̂[cols]ᵀ accumulated over d in chunks of BLOCK_D."""
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
+                    mask=(rows[:, None] < B) & (dd[None, :] < D), other=0.0)
+        r = tl.load(R + cols[:, None].to(tl.int64) * stride_r + dd[None, :],
+                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
+        if UPCAST:
+            x = x.to(ACC)
+            r = r.to(ACC)
+        acc += tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _pair_masks(Ylab, Rlab, rows, cols, B, M, EXCLUDE_DIAG: tl.constexpr):
+    y = tl.load(Ylab + rows, mask=rows < B, other=-1)
+    yr = tl.load(Rlab + cols, mask=cols < M, other=-2)
+    inside = (rows[:, None] < B) & (cols[None, :] < M)
+    same = y[:, None] == yr[None, :]
+    pos = inside & same
+    if EXCLUDE_DIAG:
+        pos = pos & (rows[:, None] != cols[None, :])
+    neg = inside & (y[:, None] != yr[None, :])
+    return pos, neg
+
+
+@triton.jit
+def _logits(s, o_p, o_n, delta_p, delta_n, gamma):
+    """Positive and negative Circle logits of a similarity tile (α treated as constants)."""
+    alpha_p = tl.maximum(o_p - s, 0.0)
+    alpha_n = tl.maximum(s - o_n, 0.0)
+    return -gamma * alpha_p * (s - delta_p), gamma * alpha_n * (s - delta_n), alpha_p, alpha_n
+
+
+@triton.jit
+def _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, cols, B, M, D, stride_x, stride_r,
+             o_p, o_n, delta_p, delta_n, gamma,
+             EXCLUDE_DIAG: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """dL/dS on one tile, from the saved row log-sum-exps and their upstream gradients."""
+    s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+    pos, neg = _pair_masks(Ylab, Rlab, rows, cols, B, M, EXCLUDE_DIAG)
+    lp, ln, alpha_p, alpha_n = _logits(s, o_p, o_n, delta_p, delta_n, gamma)
+    rmask = rows < B
+    lse_p = tl.load(LSE_P + rows, mask=rmask, other=0.0)
+    lse_n = tl.load(LSE_N + rows, mask=rmask, other=0.0)
+    g_p = tl.load(G_P + rows, mask=rmask, other=0.0)
+    g_n = tl.load(G_N + rows, mask=rmask, other=0.0)
+    # Masked lanes are pushed to -inf before exp so they cannot overflow.
+    w_p = tl.exp(tl.where(pos, lp - lse_p[:, None], float("-inf")))
+    w_n = tl.exp(tl.where(neg, ln - lse_n[:, None], float("-inf")))
+    return gamma * (g_n[:, None] * w_n * alpha_n - g_p[:, None] * w_p * alpha_p)
+
+
+@triton.jit
+def _dot_in_input_dtype(ds, y, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """ds·y with ds rounded to y's dtype, so bf16/fp16 inputs use tensor-core dots."""
+    if UPCAST:
+        return tl.dot(ds, y.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+    return tl.dot(ds.to(y.dtype), y, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride_r,
+                       o_p: tl.constexpr, o_n: tl.constexpr, delta_p: tl.constexpr, delta_n: tl.constexpr,
+                       gamma: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    max_p = tl.full((BM,), float("-inf"), ACC)
+    max_n = tl.full((BM,), float("-inf"), ACC)
+    sum_p = tl.zeros((BM,), ACC)
+    sum_n = tl.zeros((BM,), ACC)
+    for c0 in range(0, M, BN):
+        cols = c0 + tl.arange(0, BN)
+        s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+        pos, neg = _pair_masks(Ylab, Rlab, rows, cols, B, M, EXCLUDE_DIAG)
+        lp, ln, _, _ = _logits(s, o_p, o_n, delta_p, delta_n, gamma)
+        lp = tl.where(pos, lp, float("-inf"))
+        ln = tl.where(neg, ln, float("-inf"))
+        # Online log-sum-exp; a row with no member yet keeps max = -inf, so the rescale
+        # factor is guarded to avoid exp(-inf - -inf).
+        new_p = tl.maximum(max_p, tl.max(lp, axis=1))
+        new_n = tl.maximum(max_n, tl.max(ln, axis=1))
+        safe_p = tl.where(new_p == float("-inf"), 0.0, new_p)
+        safe_n = tl.where(new_n == float("-inf"), 0.0, new_n)
+        sum_p = sum_p * tl.exp(max_p - safe_p) + tl.sum(tl.exp(lp - safe_p[:, None]), axis=1)
+        sum_n = sum_n * tl.exp(max_n - safe_n) + tl.sum(tl.exp(ln - safe_n[:, None]), axis=1)
+        max_p = new_p
+        max_n = new_n
+    rmask = rows < B
+    tl.store(LSE_P + rows, max_p + tl.log(sum_p), mask=rmask)
+    tl.store(LSE_N + rows, max_n + tl.log(sum_n), mask=rmask)
+
+
+@triton.jit
+def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
+                       stride_x, stride_r, stride_out, o_p: tl.constexpr, o_n: tl.constexpr,
+                       delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, FOR_REF: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                       ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dX̂ (FOR_REF=False: a row block loops over column tiles, acc += dS·R̂) or
+    dR̂ (FOR_REF=True: a column block loops over row tiles, acc += dSᵀ·X̂), d-chunk axis 1."""
+    dout = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    if FOR_REF:
+        own = tl.program_id(0) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BN, BLOCK_DO), ACC)
+        for r0 in range(0, B, BM):
+            rows = r0 + tl.arange(0, BM)
+            ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, own, B, M, D, stride_x, stride_r,
+                          o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+            x = tl.load(X + rows[:, None] * stride_x + dout[None, :],
+                        mask=(rows[:, None] < B) & (dout[None, :] < D), other=0.0)
+            acc += _dot_in_input_dtype(tl.trans(ds), x, ACC, UPCAST, PRECISION)
+        n_own = M
+    else:
+        own = tl.program_id(0) * BM + tl.arange(0, BM)
+        acc = tl.zeros((BM, BLOCK_DO), ACC)
+        for c0 in range(0, M, BN):
+            cols = c0 + tl.arange(0, BN)
+            ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, own, cols, B, M, D, stride_x, stride_r,
+                          o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+            r = tl.load(R + cols[:, None] * stride_r + dout[None, :],
+                        mask=(cols[:, None] < M) & (dout[None, :] < D), other=0.0)
+            acc += _dot_in_input_dtype(ds, r, ACC, UPCAST, PRECISION)
+        n_own = B
+    tl.store(OUT + own[:, None] * stride_out + dout[None, :], acc,
+             mask=(own[:, None] < n_own) & (dout[None, :] < D))
+
+
+@triton.jit
+def _circle_ds_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, DS, row0, B, M, D,
+                      stride_x, stride_r, stride_ds, o_p: tl.constexpr, o_n: tl.constexpr,
+                      delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Writes dS for rows [row0, row0 + grid0·BM) into a chunk buffer (large-d backward)."""
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = row0 + local
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, cols, B, M, D, stride_x, stride_r,
+                  o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+    tl.store(DS + local[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
+             mask=(rows[:, None] < B) & (cols[None, :] < M))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _launch_params(x: torch.Tensor) -> dict:
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    if x.dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    upcast = _INTERPRET and x.dtype in (torch.bfloat16, torch.float16)
+    if _INTERPRET:
+        blocks = dict(BM=16, BN=16, BLOCK_D=32)
+    elif x.dtype == torch.float64:
+        blocks = dict(BM=32, BN=32, BLOCK_D=32)
+    else:
+        blocks = dict(BM=64, BN=64, BLOCK_D=64)
+    return dict(ACC=acc, UPCAST=upcast, PRECISION=precision, **blocks)
+
+
+def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
+                       ref_labels: torch.Tensor, exclude_diag: bool, o_p: float, o_n: float,
+                       delta_p: float, delta_n: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps (lse_p, lse_n) of the Circle logits; -inf for an empty set."""
+    B, D = x_hat.shape
+    M = r_hat.shape[0]
+    acc_dtype = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
+    lse_p = torch.empty(B, device=x_hat.device, dtype=acc_dtype)
+    lse_n = torch.empty_like(lse_p)
+    p = _launch_params(x_hat)
+    grid = (triton.cdiv(B, p["BM"]),)
+    _circle_fwd_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, B, M, D,
+                             x_hat.stride(0), r_hat.stride(0), o_p, o_n, delta_p, delta_n, gamma,
+                             EXCLUDE_DIAG=exclude_diag, **p)
+    return lse_p, lse_n
+
+
+def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
+                        ref_labels: torch.Tensor, exclude_diag: bool, o_p: float, o_n: float,
+                        delta_p: float, delta_n: float, gamma: float, lse_p: torch.Tensor,
+                        lse_n: torch.Tensor, g_p: torch.Tensor, g_n: torch.Tensor,
+                        fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX̂, dR̂) in the accumulation dtype, given upstream gradients of lse_p and lse_n.
+
+    ``fused=None`` picks the fully fused kernels for d ≤ FUSED_BWD_MAX_D and the chunked
+    dS + matmul path otherwise; tests force each path explicitly.
+    """
+    B, D = x_hat.shape
+    M = r_hat.shape[0]
+    acc_dtype = lse_p.dtype
+    # Rows with no member of a set carry lse = -inf; their upstream gradient is zero, and a
+    # finite stand-in keeps exp(l - lse) from producing NaN in the masked lanes.
+    lse_p = torch.where(torch.isfinite(lse_p), lse_p, torch.zeros_like(lse_p))
+    lse_n = torch.where(torch.isfinite(lse_n), lse_n, torch.zeros_like(lse_n))
+    g_p = g_p.to(acc_dtype).contiguous()
+    g_n = g_n.to(acc_dtype).contiguous()
+    p = _launch_params(x_hat)
+    scalars = (o_p, o_n, delta_p, delta_n, gamma)
+    if fused is None:
+        fused = D <= FUSED_BWD_MAX_D
+    dx = torch.empty(B, D, device=x_hat.device, dtype=acc_dtype)
+    dr = torch.empty(M, D, device=x_hat.device, dtype=acc_dtype)
+    if fused:
+        block_do = 16 if _INTERPRET else min(max(triton.next_power_of_2(D), 16), 128)
+        for out, for_ref, n in ((dx, False, p["BM"]), (dr, True, p["BN"])):
+            grid = (triton.cdiv(B if not for_ref else M, n), triton.cdiv(D, block_do))
+            _circle_bwd_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, out,
+                                     B, M, D, x_hat.stride(0), r_hat.stride(0), out.stride(0), *scalars,
+                                     FOR_REF=for_ref, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **p)
+        return dx, dr
+    # dS is stored in the input dtype so the two products run on tensor cores; the fp32
+    # accumulation inside each product is unchanged.
+    ds_dtype = acc_dtype if x_hat.dtype == torch.float32 else x_hat.dtype
+    elem = torch.empty((), dtype=ds_dtype).element_size()
+    chunk = max(p["BM"], min(B, DS_CHUNK_BYTES // max(1, M * elem)) // p["BM"] * p["BM"])
+    ds = torch.empty(chunk, M, device=x_hat.device, dtype=ds_dtype)
+    dr.zero_()
+    r_mm = r_hat if ds_dtype == r_hat.dtype else r_hat.to(ds_dtype)
+    for row0 in range(0, B, chunk):
+        n = min(chunk, B - row0)
+        grid = (triton.cdiv(n, p["BM"]), triton.cdiv(M, p["BN"]))
+        _circle_ds_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, ds, row0,
+                                B, M, D, x_hat.stride(0), r_hat.stride(0), ds.stride(0), *scalars,
+                                EXCLUDE_DIAG=exclude_diag, **p)
+        x_mm = x_hat[row0:row0 + n].to(ds_dtype)
+        dx[row0:row0 + n] = torch.matmul(ds[:n], r_mm).to(acc_dtype)
+        dr += torch.matmul(ds[:n].t(), x_mm).to(acc_dtype)
+    return dx, dr
