@@ -16,9 +16,10 @@ Peak memory is the extra memory one call needs above what was allocated before i
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: torch keeps no
 allocator statistics there and ``tracemalloc`` does not see its allocations, so we reset the
 kernel's peak-RSS counter (``/proc/self/clear_refs``, value 5) and report ``VmHWM`` minus the
-``VmRSS`` before the call. That is exact for large tensors (glibc serves blocks above 32 MB
-with ``mmap``, returned to the OS on free) and can under-count small ones that reuse heap
-pages already resident; it is ``None`` where ``/proc`` does not allow the reset.
+``VmRSS`` before the call, with glibc told to serve every block of 64 KiB or more by ``mmap``
+during that call (so freed blocks leave the RSS and new ones enter it). Blocks under 64 KiB
+that reuse resident heap pages are not counted; it is ``None`` where ``/proc`` does not
+allow the reset.
 
 Benchmark scripts run from the repository root as ``python -m bench.bench_<name>`` and
 import this module as ``from bench.common import ...``.
@@ -26,6 +27,9 @@ import this module as ``from bench.common import ...``.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ctypes
 import dataclasses
 import datetime as _dt
 import gc
@@ -39,10 +43,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -178,13 +184,14 @@ def peak_memory_mb(
         torch.cuda.synchronize(device)
         del out
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not _reset_peak_rss():
-        fn()
-        return None
-    base = _proc_status_kb("VmRSS")
-    out = fn()
-    peak = _proc_status_kb("VmHWM")
-    del out
+    with _small_mmap_threshold():
+        if not _reset_peak_rss():
+            fn()
+            return None
+        base = _proc_status_kb("VmRSS")
+        out = fn()
+        peak = _proc_status_kb("VmHWM")
+        del out
     return max(0.0, (peak - base) / 1024)
 
 
@@ -213,6 +220,7 @@ def environment(device: torch.device, extra_packages: Iterable[str] = ()) -> dic
         "device_type": device.type,
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
+        "load_avg_1m": os.getloadavg()[0],  # other processes on a shared machine skew CPU timings
         "versions": versions,
         "git_commit": commit,
         "git_dirty": dirty,
@@ -314,6 +322,43 @@ def format_table(rows: Sequence[Row], metric_keys: Sequence[str] = ()) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One ``--flag`` per field of the dataclass ``config_cls`` (``batch_sizes`` -> ``--batch-sizes``).
+
+    Tuples take several values, booleans get ``--x/--no-x``; the help text is the field's
+    ``metadata["help"]``. :func:`config_from_args` builds the dataclass back.
+    """
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind, many = _scalar_type(hints[f.name])
+        kwargs: dict[str, Any] = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if many:
+                kwargs["nargs"] = "+"
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def config_from_args(config_cls: type, args: Any) -> Any:
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return config_cls(**values)
+
+
+def _scalar_type(hint: Any) -> tuple[type, bool]:
+    """(element type, is a tuple) of a field hint like ``int``, ``tuple[str, ...]``, ``float | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"
@@ -333,6 +378,27 @@ def _quantiles(times_ms: list[float]) -> Timing:
 def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.grad = None
+
+
+@contextlib.contextmanager
+def _small_mmap_threshold(threshold: int = 64 * 1024) -> Iterator[None]:
+    """Make glibc serve blocks ≥ ``threshold`` bytes with mmap while memory is measured.
+
+    Otherwise blocks below its dynamic threshold (up to 32 MB) reuse heap pages that are
+    already resident and never show in the RSS peak. Afterwards the threshold is left at 32 MB,
+    the value glibc's dynamic threshold settles at once large tensors have been freed.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 * 2**20)
 
 
 def _reset_peak_rss() -> bool:
