@@ -1,0 +1,38 @@
+"""Evaluation of the DCR pipeline: generation, refusal judging, refusal probability,
+layer separability, refusal tracking during SFT, and Table-1 style reports."""
+
+from dcr_fast.evaluation.generation import GenerationConfig, chat_texts, generate
+from dcr_fast.evaluation.refusal import (
+    XSTEST_REFUSAL_PREFIXES,
+    GuardJudge,
+    Judge,
+    RefusalFilter,
+    compliance_rate,
+    defense_success,
+    is_refusal,
+    strmatch_label,
+)
+from dcr_fast.evaluation.refusal_prob import (
+    REFUSAL_SET,
+    candidate_log_probs,
+    candidate_log_probs_reference,
+    refusal_probability,
+)
+
+__all__ = [
+    "GenerationConfig",
+    "GuardJudge",
+    "Judge",
+    "REFUSAL_SET",
+    "RefusalFilter",
+    "XSTEST_REFUSAL_PREFIXES",
+    "candidate_log_probs",
+    "candidate_log_probs_reference",
+    "chat_texts",
+    "compliance_rate",
+    "defense_success",
+    "generate",
+    "is_refusal",
+    "refusal_probability",
+    "strmatch_label",
+]

@@ -1,0 +1,147 @@
+"""Batched greedy generation from chat-templated prompts, for any HF causal LM.
+
+Prompts are rendered with the tokenizer's own chat template (the paper evaluates each model
+family with its official template), sorted by length so batches carry little padding,
+left-padded so every row's last prompt token sits at the same position, and decoded greedily
+until each row emits EOS or reaches `max_new_tokens`. Outputs come back in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+Message = dict[str, str]
+Conversation = str | Sequence[Message]
+
+
+@dataclass
+class GenerationConfig:
+    """Greedy decoding settings; `system_prompt` is prepended to plain-string prompts."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    system_prompt: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Conversation],
+    config: GenerationConfig | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[str]:
+    """Greedy completions (special tokens stripped) for `prompts`, in input order.
+
+    A prompt is a user message string or a full message list ({"role", "content"} dicts, e.g.
+    a guard model's user + assistant turns). `eos_token_id` defaults to the model's generation
+    config, then the tokenizer's EOS.
+    """
+    config = config or GenerationConfig()
+    _check_padding_safe(model)
+    texts = chat_texts(tokenizer, prompts, config.system_prompt)
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = pad_token_id(tokenizer)
+    eos = eos_token_id if eos_token_id is not None else _default_eos(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = [""] * len(encoded)
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    try:
+        for batch in tqdm(batches, desc="generate", disable=not config.progress, leave=False):
+            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, _device(model))
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad_id,
+            )
+            new_tokens = generated[:, input_ids.shape[1] :]
+            for index, row in zip(batch, new_tokens):
+                outputs[index] = tokenizer.decode(_until_eos(row.tolist(), eos), skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def chat_texts(tokenizer, prompts: Sequence[Conversation], system_prompt: str | None = None) -> list[str]:
+    """Render prompts with the tokenizer's chat template, ending where the assistant begins."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no chat template; set tokenizer.chat_template "
+            f"(a Jinja string) before evaluating"
+        )
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages.append({"role": "user", "content": prompt})
+            generation_prompt = True
+        else:
+            messages = list(prompt)
+            generation_prompt = messages[-1]["role"] != "assistant"
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False))
+    return texts
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into (input_ids, attention_mask), padding on the left."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            attention_mask[row, width - len(tokens) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, falling back to EOS (padding is always masked out)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return pad
+
+
+def _check_padding_safe(model: torch.nn.Module) -> None:
+    # HF's eager attention takes its softmax in float32: in a float64 model the float64
+    # mask minimum overflows to -inf there, and left-padded rows come out NaN.
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention == "eager" and next(model.parameters()).dtype == torch.float64:
+        raise ValueError("batched generation with a float64 model needs attn_implementation='sdpa' "
+                         "(eager attention turns left-padded rows to NaN in float64)")
+
+
+def _default_eos(model, tokenizer) -> int | list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an EOS token")
+    return eos
+
+
+def _until_eos(tokens: list[int], eos: int | Sequence[int]) -> list[int]:
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:position]
+    return tokens
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
