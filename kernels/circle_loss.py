@@ -140,8 +140,9 @@ def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride
         max_p = new_p
         max_n = new_n
     rmask = rows < B
-    tl.store(LSE_P + rows, max_p + tl.log(sum_p), mask=rmask)
-    tl.store(LSE_N + rows, max_n + tl.log(sum_n), mask=rmask)
+    # An empty set has max = -inf and sum = 0; log(1) keeps its result at -inf without log(0).
+    tl.store(LSE_P + rows, max_p + tl.log(tl.where(sum_p > 0, sum_p, 1.0)), mask=rmask)
+    tl.store(LSE_N + rows, max_n + tl.log(tl.where(sum_n > 0, sum_n, 1.0)), mask=rmask)
 
 
 @triton.jit
@@ -160,7 +161,7 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
             rows = r0 + tl.arange(0, BM)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, own, B, M, D, stride_x, stride_r,
                           o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
-            x = tl.load(X + rows[:, None] * stride_x + dout[None, :],
+            x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + dout[None, :],
                         mask=(rows[:, None] < B) & (dout[None, :] < D), other=0.0)
             acc += _dot_in_input_dtype(tl.trans(ds), x, ACC, UPCAST, PRECISION)
         n_own = M
@@ -171,11 +172,11 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
             cols = c0 + tl.arange(0, BN)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, own, cols, B, M, D, stride_x, stride_r,
                           o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
-            r = tl.load(R + cols[:, None] * stride_r + dout[None, :],
+            r = tl.load(R + cols[:, None].to(tl.int64) * stride_r + dout[None, :],
                         mask=(cols[:, None] < M) & (dout[None, :] < D), other=0.0)
             acc += _dot_in_input_dtype(ds, r, ACC, UPCAST, PRECISION)
         n_own = B
-    tl.store(OUT + own[:, None] * stride_out + dout[None, :], acc,
+    tl.store(OUT + own[:, None].to(tl.int64) * stride_out + dout[None, :], acc,
              mask=(own[:, None] < n_own) & (dout[None, :] < D))
 
 
@@ -191,7 +192,7 @@ def _circle_ds_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, DS, row0, B, M, 
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, cols, B, M, D, stride_x, stride_r,
                   o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
-    tl.store(DS + local[:, None] * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
+    tl.store(DS + local[:, None].to(tl.int64) * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
              mask=(rows[:, None] < B) & (cols[None, :] < M))
 
 

@@ -1,0 +1,289 @@
+"""Circle loss: PML parity, an independent per-row oracle, backend agreement, memory, errors."""
+
+import importlib
+import math
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import CircleLoss as PMLCircleLoss
+
+from conftest import assert_close
+from dcr_fast import CircleLoss, circle_loss
+from dcr_fast.kernels import circle_loss as kernels
+
+# Tolerances, once per dtype: fp64 is round-off; fp32 carries γ·ε amplification in the
+# exponent; bf16 is judged against the fp64 loss of the same (bf16-rounded) inputs.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-4, atol=2e-5),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+# (B, d, classes, M or None): no B or d is a multiple of any block size; classes=1 has no
+# negatives, classes=B has no positives, classes=3 with B=5 leaves a singleton row.
+SHAPES = [(37, 19, 4, None), (41, 70, 9, None), (5, 3, 3, None), (23, 33, 23, None),
+          (31, 12, 1, None), (33, 7, 3, 29), (17, 45, 2, 50)]
+VARIANTS = [("original", 0.4, 80.0), ("dcr", 0.25, 16.0)]
+
+
+def _batch(B, d, classes, M, dtype):
+    x = torch.randn(B, d, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, classes, (B,))
+    ref = None if M is None else (torch.randn(M, d, dtype=torch.float64).to(dtype), torch.randint(0, classes, (M,)))
+    return x, y, ref
+
+
+def _loss_and_grads(fn, x, y, ref, **kw):
+    """Loss and gradients wrt embeddings (and ref_emb), with grad_output ≠ 1."""
+    x = x.detach().clone().requires_grad_()
+    inputs = [x]
+    extra = {}
+    if ref is not None:
+        r = ref[0].detach().clone().requires_grad_()
+        inputs.append(r)
+        extra = dict(ref_emb=r, ref_labels=ref[1])
+    loss = fn(x, y, **extra, **kw)
+    if not loss.requires_grad:
+        return loss.detach(), [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad(loss * 1.7, inputs, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def _oracle(x, y, ref, m, gamma, variant):
+    """Equation (5) row by row in float64, written independently of the package."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    r, ry = (x, y) if ref is None else (torch.nn.functional.normalize(ref[0].double(), dim=1), ref[1])
+    if variant == "original":
+        o_p, o_n = 1 + m, -m
+    else:
+        o_p, o_n = 1 - m, m
+    rows = []
+    for i in range(x.shape[0]):
+        pos, neg = [], []
+        for j in range(r.shape[0]):
+            if ref is None and i == j:
+                continue
+            s = float(x[i] @ r[j])
+            if ry[j] == y[i]:
+                pos.append(-gamma * max(o_p - s, 0.0) * (s - (1 - m)))
+            else:
+                neg.append(gamma * max(s - o_n, 0.0) * (s - m))
+        if pos and neg:
+            lse = lambda v: max(v) + math.log(sum(math.exp(t - max(v)) for t in v))  # noqa: E731
+            z = lse(pos) + lse(neg)
+            # torch's softplus (and so PML's) is linear above 20
+            rows.append(z if z > 20 else math.log1p(math.exp(z)))
+    rows = [v for v in rows if v > 0]
+    return sum(rows) / len(rows) if rows else 0.0
+
+
+@pytest.mark.parametrize("variant,m,gamma", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[5:])
+def test_reference_matches_oracle_fp64(shape, variant, m, gamma):
+    x, y, ref = _batch(*shape, torch.float64)
+    loss, _ = _loss_and_grads(circle_loss, x, y, ref, m=m, gamma=gamma, variant=variant, backend="torch")
+    assert loss.item() == pytest.approx(_oracle(x, y, ref, m, gamma, variant), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_pml(shape, backend, dtype):
+    x, y, ref = _batch(*shape, dtype)
+    pml = PMLCircleLoss()
+    l_ref, g_ref = _loss_and_grads(pml, x, y, ref)
+    fn = CircleLoss(backend=backend)
+    l, g = _loss_and_grads(fn, x, y, ref)
+    assert_close(l, l_ref, **TOL[dtype], what="loss")
+    for a, b, name in zip(g, g_ref, ("d embeddings", "d ref_emb")):
+        assert_close(a, b, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * max(1.0, b.abs().max().item()), what=name)
+
+
+@pytest.mark.parametrize("tuple_len", [3, 4])
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
+def test_indices_tuple_matches_pml(tuple_len, backend):
+    x, y, _ = _batch(40, 11, 4, None, torch.float64)
+    same = (y[:, None] == y[None, :]) & ~torch.eye(40, dtype=torch.bool)
+    a_p, p = torch.nonzero(same, as_tuple=True)
+    a_n, n = torch.nonzero(~(y[:, None] == y[None, :]), as_tuple=True)
+    pick_p = torch.randint(0, a_p.numel(), (150,))  # with repeats: duplicates must collapse
+    pick_n = torch.randint(0, a_n.numel(), (150,))
+    if tuple_len == 4:
+        idx = (a_p[pick_p], p[pick_p], a_n[pick_n], n[pick_n])
+    else:
+        idx = (a_p[pick_p], p[pick_p], n[torch.randint(0, n.numel(), (150,))])
+        keep = y[idx[0]] != y[idx[2]]
+        idx = tuple(t[keep] for t in idx)
+    l_ref, g_ref = _loss_and_grads(lambda e, lab, **k: PMLCircleLoss()(e, None, indices_tuple=idx), x, y, None)
+    l, g = _loss_and_grads(lambda e, lab, **k: circle_loss(e, None, indices_tuple=idx, backend=backend), x, y, None)
+    assert_close(l, l_ref, **TOL[torch.float64], what="loss")
+    assert_close(g[0], g_ref[0], **TOL[torch.float64], what="d embeddings")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused_backward", [True, False])
+@pytest.mark.parametrize("variant,m,gamma", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_reference(shape, variant, m, gamma, fused_backward, dtype, monkeypatch):
+    monkeypatch.setattr(kernels, "FUSED_BWD_MAX_D", 10**9 if fused_backward else 0)
+    x, y, ref = _batch(*shape, dtype)
+    ref64 = None if ref is None else (ref[0].double(), ref[1])
+    kw = dict(m=m, gamma=gamma, variant=variant)
+    l_ref, g_ref = _loss_and_grads(circle_loss, x.double(), y, ref64, backend="torch", **kw)
+    l, g = _loss_and_grads(circle_loss, x, y, ref, backend="triton", **kw)
+    assert l.dtype == dtype
+    tol = TOL[dtype]
+    assert_close(l, l_ref, **tol, what="loss")
+    for a, b, name in zip(g, g_ref, ("d embeddings", "d ref_emb")):
+        assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()), what=name)
+
+
+def test_triton_fp16_accumulates_in_fp32():
+    x, y, _ = _batch(29, 20, 3, None, torch.float16)
+    l_ref, g_ref = _loss_and_grads(circle_loss, x.double(), y, None, backend="torch")
+    l, g = _loss_and_grads(circle_loss, x, y, None, backend="triton")
+    assert_close(l, l_ref, rtol=2e-3, atol=1e-3, what="loss")
+    assert_close(g[0], g_ref[0], rtol=2e-2, atol=2e-2 * g_ref[0].abs().max().item(), what="d embeddings")
+
+
+def test_chunked_matches_reference_across_chunk_boundaries():
+    x, y, ref = _batch(45, 9, 5, 38, torch.float64)
+    from dcr_fast.circle_loss import _margins, circle_lse_chunked, circle_lse_reference, _dense_label_masks
+
+    mg = _margins(0.4, 80.0, "original")
+    xh = torch.nn.functional.normalize(x, dim=1).requires_grad_()
+    rh = torch.nn.functional.normalize(ref[0], dim=1).requires_grad_()
+    gp, gn = torch.randn(45, dtype=torch.float64), torch.randn(45, dtype=torch.float64)
+    for chunk in (1, 7, 45, 100):
+        a = circle_lse_chunked(xh, rh, y, ref[1], False, mg, chunk_rows=chunk)
+        b = circle_lse_reference(xh, rh, *_dense_label_masks(y, ref[1], False), mg)
+        ga = torch.autograd.grad((a[0] * gp).nansum() + (a[1] * gn).nansum(), (xh, rh))
+        gb = torch.autograd.grad((b[0] * gp).nansum() + (b[1] * gn).nansum(), (xh, rh))
+        for u, v in zip(a + ga, b + gb):
+            assert_close(torch.nan_to_num(u, neginf=-1e300), torch.nan_to_num(v, neginf=-1e300),
+                         **TOL[torch.float64], what=f"chunk={chunk}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
+def test_zero_loss_batch_matches_pml(backend):
+    # Orthogonal class directions: with γ = 1000 every row's softplus underflows in fp32,
+    # so no row counts and PML returns a zero that still has a (zero) gradient.
+    y = torch.arange(24) % 4
+    x = torch.nn.functional.one_hot(y, 8).float() + 0.0
+    fn = CircleLoss(gamma=1000.0, backend=backend)
+    l_ref, g_ref = _loss_and_grads(PMLCircleLoss(gamma=1000.0), x, y, None)
+    l, g = _loss_and_grads(fn, x, y, None)
+    assert l_ref.item() == 0.0 and l.item() == 0.0
+    assert torch.equal(g[0], g_ref[0])
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [0, 0], [3]])
+def test_degenerate_batches_match_pml(labels):
+    y = torch.tensor(labels)
+    x = torch.randn(len(labels), 5, dtype=torch.float64)
+    l_ref, _ = _loss_and_grads(PMLCircleLoss(), x, y, None)
+    l, _ = _loss_and_grads(CircleLoss(backend="chunked"), x, y, None)
+    assert l.item() == l_ref.item()
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+def test_autograd_saves_no_batch_by_batch_tensor(backend):
+    B, d, M = 96, 8, 80
+    x = torch.randn(B, d, requires_grad=True)
+    r = torch.randn(M, d, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = circle_loss(x, torch.randint(0, 3, (B,)), ref_emb=r, ref_labels=torch.randint(0, 3, (M,)),
+                           backend=backend)
+    loss.backward()
+    assert saved, "nothing was saved: the hook did not see the graph"
+    biggest = max(math.prod(s) for s in saved)
+    assert biggest <= max(B, M) * d, f"a saved tensor has {biggest} elements (shapes {saved})"
+    # the reference, by contrast, does keep the B×M similarity: the check can fail
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        circle_loss(x, torch.randint(0, 3, (B,)), ref_emb=r, ref_labels=torch.randint(0, 3, (M,)), backend="torch")
+    assert (B, M) in saved
+
+
+def test_auto_backend_chunks_large_cpu_batches(monkeypatch):
+    cl = importlib.import_module("dcr_fast.circle_loss")  # the package re-exports a function of that name
+    calls = []
+    real = cl.circle_lse_chunked
+    monkeypatch.setattr(cl, "circle_lse_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cl, "AUTO_CHUNK_THRESHOLD", 100)
+    x, y, _ = _batch(20, 4, 3, None, torch.float32)
+    assert circle_loss(x, y).item() == pytest.approx(circle_loss(x, y, backend="torch").item(), rel=1e-5)
+    assert calls
+
+
+def test_circle_lse_op_passes_opcheck():
+    from dcr_fast.circle_loss import _circle_lse_op
+
+    x = torch.nn.functional.normalize(torch.randn(21, 6), dim=1).requires_grad_()
+    r = torch.nn.functional.normalize(torch.randn(18, 6), dim=1).requires_grad_()
+    args = (x, r, torch.randint(0, 3, (21,)), torch.randint(0, 3, (18,)), False, 1.4, -0.4, 0.6, 0.4, 80.0)
+    torch.library.opcheck(_circle_lse_op, args)
+
+
+def test_works_under_torch_compile():
+    x, y, _ = _batch(26, 10, 3, None, torch.float32)
+    fn = CircleLoss(variant="dcr", m=0.25, gamma=16.0, backend="triton")
+    compiled = torch.compile(lambda e, lab: fn(e, lab), backend="aot_eager")
+    l, g = _loss_and_grads(lambda e, lab: compiled(e, lab), x, y, None)
+    l_ref, g_ref = _loss_and_grads(lambda e, lab: fn(e, lab), x, y, None)
+    assert_close(l, l_ref, **TOL[torch.float32], what="compiled loss")
+    assert_close(g[0], g_ref[0], **TOL[torch.float32], what="compiled grad")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(embeddings=torch.randn(4)), "embeddings must be 2-D"),
+        (dict(embeddings=torch.randn(4, 3, 2)), "embeddings must be 2-D"),
+        (dict(labels=torch.tensor([0, 1, 0])), "labels must be 1-D with 4 entries"),
+        (dict(labels=torch.tensor([0.0, 1.0, 0.0, 1.0])), "labels must have an integer dtype"),
+        (dict(embeddings=torch.tensor([[1.0, float("nan")]] * 4)), "embeddings contains NaN"),
+        (dict(embeddings=torch.randint(0, 3, (4, 3))), "embeddings must be float"),
+        (dict(labels=None), "labels or indices_tuple is required"),
+        (dict(ref_emb=torch.randn(5, 2)), "ref_emb must have dim 3"),
+        (dict(ref_emb=torch.randn(5, 3)), "ref_labels is required"),
+        (dict(ref_emb=torch.randn(5, 3), ref_labels=torch.tensor([0, 1])), "ref_labels must be 1-D with 5"),
+        (dict(indices_tuple=(torch.tensor([0]), torch.tensor([1]))), "indices_tuple must be a tuple of 3"),
+        (dict(indices_tuple=(torch.tensor([0]), torch.tensor([9]), torch.tensor([2]))), r"indices_tuple\[1\] has indices"),
+        (dict(indices_tuple=(torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 2]), torch.tensor([1, 3]))),
+         "both positive and negative"),
+        (dict(m=1.5), "m must be a number in"),
+        (dict(gamma=0.0), "gamma must be a positive"),
+        (dict(variant="sphere"), "variant must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, match):
+    args = dict(embeddings=torch.randn(4, 3), labels=torch.tensor([0, 1, 0, 1]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        circle_loss(**args)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        circle_loss(torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 2, 2]), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [128, 1000])
+def test_triton_on_gpu_matches_reference(dtype, d):
+    x = torch.randn(1500, d, device="cuda").to(dtype)
+    y = torch.randint(0, 30, (1500,), device="cuda")
+    l_ref, g_ref = _loss_and_grads(circle_loss, x.double(), y, None, backend="torch")
+    l, g = _loss_and_grads(circle_loss, x, y, None, backend="triton")
+    tol = TOL.get(dtype, TOL[torch.bfloat16])
+    assert_close(l, l_ref, **tol, what="loss")
+    assert_close(g[0], g_ref[0], rtol=tol["rtol"], atol=tol["atol"] * g_ref[0].abs().max().item(), what="grad")
