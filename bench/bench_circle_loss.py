@@ -172,7 +172,8 @@ def run(config: CircleBenchConfig) -> list[Row]:
             rows += case_rows
             tqdm.write(format_table(case_rows, METRIC_KEYS) + "\n", file=sys.stdout)
         del x, labels
-    print(verdict_table(rows))
+    if device.type == "cuda":
+        print(verdict_table(rows))
     print(f"results: {results.path}")
     return rows
 
