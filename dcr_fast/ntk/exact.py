@@ -1,0 +1,209 @@
+"""Exact eNTK blocks by the structured ("ghost") Gram: no finite differences, no Jacobians.
+
+For probes (prompt p, token j) the kernel entry is ⟨∇_{θ_S} z_j(x_p), ∇_{θ_S} z_i(x_q)⟩, a sum
+over the parameters of θ_S of three kinds of terms:
+
+* a linear layer y_t = W a_t (+ b): ∇_W z_j = Σ_t δ_{j,t} a_tᵀ has rank ≤ T, so
+  ⟨∇_W z_j(x_p), ∇_W z_i(x_q)⟩ = Σ_{t,s} (δ_{j,t}·δ'_{i,s}) (a_t·a'_s): two small Grams
+  multiplied elementwise ("ghost"), or, when prompts are long, the per-probe gradients
+  materialized (rule: materialize when R·R' > d_in·d_out/(d_in+d_out), R the rows kept);
+  the bias contributes (Σ_t δ_{j,t})·(Σ_s δ'_{i,s});
+* the RMSNorm weights inside the tail: small, their per-probe gradients are materialized;
+* the output projection (lm_head), in closed form: z = W h gives
+  ⟨∇_W z_a(x_p), ∇_W z_b(x_q)⟩ = [a = b] (h_p·h_q), h the final-normed last hidden state.
+  With tied embeddings only this use is in θ_S (the lookup is in the frozen prefix).
+
+Per prompt this needs one tail forward and backward over k copies (one per probe token)
+to record a_t and δ_t (:func:`probe_features`); any pair of prompts then costs only the
+contraction (:func:`probe_gram`), which is why ``entk_matrix`` computes features once per
+prompt and contracts them in batches. Rows where δ is zero for every probe are dropped
+(in the last tail layer the MLP, o_proj and q_proj only see the last position).
+Arithmetic runs in the compute dtype of :mod:`dcr_fast.ntk.tail` (fp32, or fp64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_parameters
+
+
+@dataclass
+class LinearFeatures:
+    """Inputs a (n, R, d_in) and output cotangents δ (n, k, R, d_out) of one linear layer."""
+
+    a: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.a.shape[1]
+
+
+@dataclass
+class ProbeFeatures:
+    """What the Gram needs of n prompts with k probe tokens each."""
+
+    tokens: torch.Tensor  # (n, k) probe token ids
+    linears: list[LinearFeatures]  # one per weight matrix in the tail layers, in a fixed order
+    dense: torch.Tensor  # (n, k, P) materialized gradients: norm weights and linear biases
+    head: torch.Tensor | None  # (n, d) lm_head input at the last position, when lm_head ∈ θ_S
+
+    @property
+    def n(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, rows: slice) -> ProbeFeatures:
+        return ProbeFeatures(
+            self.tokens[rows],
+            [LinearFeatures(f.a[rows], f.delta[rows]) for f in self.linears],
+            self.dense[rows],
+            None if self.head is None else self.head[rows],
+        )
+
+
+def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens: torch.Tensor) -> ProbeFeatures:
+    """Record a_t, δ_t, norm gradients and h for each prompt of ``cache`` and each token in ``tokens``."""
+    n, k = tokens.shape
+    if n != cache.batch_size:
+        raise ValueError(f"tokens must have one row per cached prompt ({cache.batch_size}), got {n}")
+    rows = torch.arange(n, device=tokens.device).repeat_interleave(k)
+    copies = cache.select(rows)
+    linears, norms = _tail_modules(model, spec)
+    params = tail_parameters(model, spec)
+    # Each probe gets its own copy of every norm weight, broadcast over positions, so autograd
+    # hands back per-probe gradients instead of their sum.
+    norm_params = {
+        name: params[name].expand(n * k, 1, -1).clone().requires_grad_(True) for name in norms
+    }
+    params.update(norm_params)
+
+    records: dict[str, dict[str, torch.Tensor]] = {name: {} for name in linears}
+    handles = [module.register_forward_hook(_recorder(records[name])) for name, module in linears.items()]
+    head_input: list[torch.Tensor] = []
+    if spec.include_lm_head:
+        handles.append(model.get_output_embeddings().register_forward_hook(
+            lambda _m, inp, _out: head_input.append(inp[0].detach())
+        ))
+    try:
+        with torch.enable_grad():
+            hidden = copies.hidden.detach().requires_grad_(True)
+            z = tail_logits(model, spec, PrefixCache(hidden, copies.layer_kwargs, copies.last_index), params)
+            picked = z.gather(1, tokens.reshape(-1, 1)).sum()
+            grads = torch.autograd.grad(picked, list(norm_params.values())) if norm_params else ()
+            if not norm_params:
+                picked.backward(inputs=[hidden])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    lengths = cache.lengths
+    features, dense = [], [g.reshape(n, k, -1) for g in grads]
+    for name, module in linears.items():
+        a = records[name]["a"].reshape(n, k, *records[name]["a"].shape[1:])[:, 0]
+        delta = records[name]["delta"].reshape(n, k, *records[name]["delta"].shape[1:])
+        features.append(_drop_zero_rows(a, delta, lengths))
+        if module.bias is not None and f"{name}.bias" in params:
+            dense.append(delta.sum(dim=2))
+    dtype = hidden.dtype
+    return ProbeFeatures(
+        tokens=tokens,
+        linears=features,
+        dense=torch.cat(dense, dim=2) if dense else torch.zeros(n, k, 0, dtype=dtype, device=tokens.device),
+        head=head_input[0][::k] if head_input else None,
+    )
+
+
+def probe_gram(left: ProbeFeatures, right: ProbeFeatures) -> torch.Tensor:
+    """K[p, q, j, i] = ⟨∇z_{left.tokens[p,j]}(x_p), ∇z_{right.tokens[q,i]}(x_q)⟩, shape (n, n', k, k')."""
+    n_l, k_l = left.tokens.shape
+    n_r, k_r = right.tokens.shape
+    K = (left.dense.reshape(n_l * k_l, -1) @ right.dense.reshape(n_r * k_r, -1).T)
+    K = K.reshape(n_l, k_l, n_r, k_r).permute(0, 2, 1, 3)
+    for fl, fr in zip(left.linears, right.linears):
+        K = K + _linear_gram(fl, fr)
+    if left.head is not None:
+        same_token = left.tokens[:, None, :, None] == right.tokens[None, :, None, :]
+        K = K + same_token * (left.head @ right.head.T)[:, :, None, None]
+    return K
+
+
+def materialize_rule(rows_left: int, rows_right: int, d_in: int, d_out: int) -> bool:
+    """True when per-probe weight gradients are cheaper than the ghost product (DESIGN §3)."""
+    return rows_left * rows_right > d_in * d_out / (d_in + d_out)
+
+
+def _linear_gram(left: LinearFeatures, right: LinearFeatures) -> torch.Tensor:
+    n_l, k_l, r_l, d_out = left.delta.shape
+    n_r, k_r, r_r, _ = right.delta.shape
+    d_in = left.a.shape[-1]
+    if materialize_rule(r_l, r_r, d_in, d_out):
+        g_l = torch.einsum("pjto,pti->pjoi", left.delta, left.a).reshape(n_l * k_l, -1)
+        g_r = torch.einsum("pjto,pti->pjoi", right.delta, right.a).reshape(n_r * k_r, -1)
+        return (g_l @ g_r.T).reshape(n_l, k_l, n_r, k_r).permute(0, 2, 1, 3)
+    dd = (left.delta.reshape(-1, d_out) @ right.delta.reshape(-1, d_out).T).reshape(n_l, k_l, r_l, n_r, k_r, r_r)
+    aa = (left.a.reshape(-1, d_in) @ right.a.reshape(-1, d_in).T).reshape(n_l, r_l, n_r, r_r)
+    return torch.einsum("pjtqis,ptqs->pqji", dd, aa)
+
+
+def _tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear], list[str]]:
+    """The tail's linear layers by name, and the names of its other (norm) parameters."""
+    linears: dict[str, nn.Linear] = {}
+    norms: list[str] = []
+    names = set(spec.param_names)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" in names and name != spec.lm_head_name:
+            linears[name] = module
+    for name in spec.param_names:
+        module_name, _, attr = name.rpartition(".")
+        if module_name in linears or module_name == spec.lm_head_name:
+            continue
+        module = model.get_submodule(module_name)
+        if attr != "weight" or not hasattr(module, "variance_epsilon"):
+            raise ValueError(
+                f"the exact eNTK supports linear layers and RMSNorm weights in θ_S; "
+                f"{name} ({type(module).__name__}) is neither"
+            )
+        if module_name == f"{spec.base_prefix}.norm":
+            raise ValueError("the exact eNTK does not support the final norm in θ_S (include_final_norm)")
+        norms.append(name)
+    return linears, norms
+
+
+def _recorder(store: dict[str, torch.Tensor]):
+    def hook(_module, inputs, output):
+        store["a"] = inputs[0].detach()
+        output.register_hook(lambda grad: store.__setitem__("delta", grad.detach()))
+
+    return hook
+
+
+def _drop_zero_rows(a: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor) -> LinearFeatures:
+    """Keep only positions where some probe has a nonzero cotangent (and that are not padding)."""
+    n, k, t, _ = delta.shape
+    positions = torch.arange(t, device=a.device)
+    live = (delta != 0).any(dim=3).any(dim=1) & (positions[None, :] < lengths[:, None])
+    count = live.sum(dim=1)
+    rows = max(int(count.max()), 1)
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)[:, :rows]
+    keep = (torch.arange(rows, device=a.device)[None, :] < count[:, None]).to(a.dtype)
+    a_kept = a.gather(1, order[:, :, None].expand(-1, -1, a.shape[2])) * keep[:, :, None]
+    d_index = order[:, None, :, None].expand(-1, k, -1, delta.shape[3])
+    d_kept = delta.gather(2, d_index) * keep[:, None, :, None]
+    return LinearFeatures(a_kept, d_kept)
+
+
+def exact_block(
+    model: nn.Module, spec: TailSpec, x_prime: torch.Tensor, x: torch.Tensor, *, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K, K_self, So, Su) for one pair: both prompts in one padded batch, one Gram."""
+    ids, mask = pad_prompts([x_prime, x])
+    cache = run_prefix(model, ids, mask, spec=spec)
+    with torch.no_grad():
+        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
+    features = probe_features(model, spec, cache, tokens)
+    gram = probe_gram(features.select(slice(0, 1)), features)[0]
+    return gram[1], gram[0], tokens[0], tokens[1]
