@@ -12,9 +12,9 @@ namespace dcr_fast {
 namespace {
 
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "probe_linear: ", name, " must have the dtype of x (",
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "probe_linear: ", name, " must have the dtype of x (",
               x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "probe_linear: ", name, " must be on the device of x (", x.device(),
+  TORCH_CHECK_VALUE(t.device() == x.device(), "probe_linear: ", name, " must be on the device of x (", x.device(),
               "), got ", t.device());
 }
 
@@ -25,37 +25,37 @@ ProbeLinearPrologue probe_linear_prologue(const at::Tensor& x, const at::Tensor&
                                           const at::Tensor& a, const at::Tensor& d,
                                           const std::optional<at::Tensor>& d_bias,
                                           const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 3, "probe_linear: x must be [P, M, d_in] (directions, rows, features), got shape ",
+  TORCH_CHECK_VALUE(x.dim() == 3, "probe_linear: x must be [P, M, d_in] (directions, rows, features), got shape ",
               x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "probe_linear: x must be floating point, got ",
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "probe_linear: x must be floating point, got ",
               x.scalar_type());
   const int64_t P = x.size(0), M = x.size(1), K = x.size(2);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "probe_linear: weight must be [d_out, d_in] with d_in = ",
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == K, "probe_linear: weight must be [d_out, d_in] with d_in = ",
               K, " (x.size(2)), got shape ", weight.sizes());
   const int64_t N = weight.size(0);
   check_same(weight, "weight", x);
-  TORCH_CHECK(a.dim() == 3 && a.size(2) == K, "probe_linear: a must be [F, T, d_in] with d_in = ", K,
+  TORCH_CHECK_VALUE(a.dim() == 3 && a.size(2) == K, "probe_linear: a must be [F, T, d_in] with d_in = ", K,
               ", got shape ", a.sizes());
   const int64_t F = a.size(0), T = a.size(1);
-  TORCH_CHECK(d.dim() == 3 && d.size(0) == F && d.size(1) == T && d.size(2) == N,
+  TORCH_CHECK_VALUE(d.dim() == 3 && d.size(0) == F && d.size(1) == T && d.size(2) == N,
               "probe_linear: d must be [F, T, d_out] = [", F, ", ", T, ", ", N, "] to match a and weight, got shape ",
               d.sizes());
   check_same(a, "a", x);
   check_same(d, "d", x);
-  TORCH_CHECK(F > 0 ? P % F == 0 : P == 0, "probe_linear: the number of directions P = x.size(0) = ", P,
+  TORCH_CHECK_VALUE(F > 0 ? P % F == 0 : P == 0, "probe_linear: the number of directions P = x.size(0) = ", P,
               " must be a multiple of the number of factor pairs F = a.size(0) = ", F);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == P && at::isFloatingType(scale.scalar_type()),
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == P && at::isFloatingType(scale.scalar_type()),
               "probe_linear: scale must be a 1-D floating tensor of P = ", P, " steps, got ", scale.scalar_type(),
               " of shape ", scale.sizes());
-  TORCH_CHECK(scale.device() == x.device(), "probe_linear: scale must be on the device of x (", x.device(),
+  TORCH_CHECK_VALUE(scale.device() == x.device(), "probe_linear: scale must be on the device of x (", x.device(),
               "), got ", scale.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "probe_linear: bias must be [d_out] = [", N,
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "probe_linear: bias must be [d_out] = [", N,
                 "], got shape ", bias->sizes());
     check_same(*bias, "bias", x);
   }
   if (d_bias.has_value()) {
-    TORCH_CHECK(d_bias->dim() == 2 && d_bias->size(0) == F && d_bias->size(1) == N,
+    TORCH_CHECK_VALUE(d_bias->dim() == 2 && d_bias->size(0) == F && d_bias->size(1) == N,
                 "probe_linear: d_bias must be [F, d_out] = [", F, ", ", N, "], got shape ", d_bias->sizes());
     check_same(*d_bias, "d_bias", x);
   }

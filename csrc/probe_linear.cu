@@ -71,8 +71,8 @@ at::Tensor probe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t P = pr.y.size(0), M = pr.y.size(1), N = pr.y.size(2);
   const int64_t F = pr.d.size(0), T = pr.d.size(1);
   if (P == 0 || M == 0 || N == 0) return pr.y;
-  TORCH_CHECK(P <= 65535, "probe_linear: at most 65535 directions per call on CUDA, got P = ", P);
-  TORCH_CHECK((M + kRows - 1) / kRows <= 65535, "probe_linear: at most ", 65535 * kRows,
+  TORCH_CHECK_VALUE(P <= 65535, "probe_linear: at most 65535 directions per call on CUDA, got P = ", P);
+  TORCH_CHECK_VALUE((M + kRows - 1) / kRows <= 65535, "probe_linear: at most ", 65535 * kRows,
               " rows per direction on CUDA, got M = ", M);
   const dim3 grid(static_cast<unsigned>((N + kCols - 1) / kCols), static_cast<unsigned>((M + kRows - 1) / kRows),
                   static_cast<unsigned>(P));
