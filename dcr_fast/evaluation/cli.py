@@ -1,0 +1,78 @@
+"""`dcr-fast eval`: evaluate a causal LM on named benchmarks and write a Table-1 report.
+
+    dcr-fast eval --model out/dcr+stl --benchmark xstest=data/xstest --benchmark i-cona=data/stl \\
+        --out eval/ [--guard PATH] [--max-new-tokens 64] [--batch-size 16]
+
+A benchmark is NAME=PATH (a file, or the directory holding its usual file) or NAME alone to
+fetch it from the hub. All benchmarks are loaded and checked before the model is, so a bad
+path fails in seconds. Responses are checkpointed under OUT/generations; rerunning the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from dcr_fast.evaluation.evaluate import EvalConfig
+
+NAME = "eval"
+_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(NAME, help="evaluate over-refusal and safety; write report.json/.md",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory or hub id (from_pretrained)")
+    parser.add_argument("--benchmark", action="append", required=True, metavar="NAME[=PATH]",
+                        help="a benchmark registry name, optionally =PATH; repeat for several")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--guard", default=None, help="guard model path for defense success (default: refusal filter)")
+    parser.add_argument("--run-name", default=None, help="row name in the report (default: the model path's name)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=_DTYPES)
+    defaults = EvalConfig()
+    for field in fields(EvalConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = str if field.name == "system_prompt" else int
+            parser.add_argument(flag, type=kind, default=default)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dcr_fast.data import load_benchmark
+    from dcr_fast.evaluation.evaluate import evaluate
+    from dcr_fast.evaluation.refusal import GuardJudge, RefusalFilter
+    from dcr_fast.evaluation.report import write_report
+
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    benchmarks = {}
+    for item in args.benchmark:
+        name, _, path = item.partition("=")
+        if name in benchmarks:
+            raise ValueError(f"--benchmark {name!r} given twice")
+        benchmarks[name] = load_benchmark(name, path or None)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    judge = GuardJudge.from_pretrained(args.guard, device=args.device) if args.guard else RefusalFilter()
+    result = evaluate(model, tokenizer, benchmarks, config, judge=judge, out_dir=args.out)
+    name = args.run_name or Path(args.model).name
+    write_report(args.out, {name: result}, settings={"model": args.model, "guard": args.guard,
+                                                     "benchmarks": args.benchmark, **result["settings"]})
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,115 @@
+"""One evaluation run: greedy responses on every benchmark, judged, with refusal probability.
+
+    run = evaluate(model, tokenizer, {"xstest": load_benchmark("xstest", path), ...},
+                   EvalConfig(max_new_tokens=64), judge=RefusalFilter(), out_dir="eval/")
+
+Within each benchmark, prompts that should be answered (seemingly toxic, normal) give its
+compliance rate by the XSTest rule and toxic prompts give its defense success by `judge`, so
+a mixed set such as XSTest yields both. Responses are checkpointed per benchmark under
+`out_dir/generations/` (written atomically), so an interrupted evaluation resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcr_fast.data.records import TOXIC, Prompt
+from dcr_fast.evaluation.generation import GenerationConfig, generate
+from dcr_fast.evaluation.refusal import Judge, RefusalFilter, compliance_rate, defense_success, is_refusal
+from dcr_fast.evaluation.refusal_prob import refusal_probability
+from dcr_fast.evaluation.report import atomic_write_text
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings; the CLI's flags mirror these fields."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    system_prompt: str | None = None
+    refusal_probability: bool = True
+    refusal_batch_size: int = 4
+    limit: int | None = None  # first N prompts of each benchmark, for quick runs
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.refusal_batch_size < 1:
+            raise ValueError(f"refusal_batch_size must be >= 1, got {self.refusal_batch_size}")
+        GenerationConfig(self.max_new_tokens, self.batch_size)  # validates both
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    benchmarks: Mapping[str, Sequence[Prompt]],
+    config: EvalConfig | None = None,
+    judge: Judge | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on named prompt sets; returns the run's record for `write_report`.
+
+    Keys: `compliance` {benchmark: rate} and `defense_success` {benchmark: rate} (only the
+    benchmarks holding such prompts), `defense_success_mean`, `refusal_probability`
+    {benchmark: {category: mean P_refuse}}, `counts` {benchmark: {category: n}}, `judge`
+    (the defense judge's name), `settings` (the config).
+    """
+    config = config or EvalConfig()
+    judge = judge or RefusalFilter()
+    if not benchmarks:
+        raise ValueError("benchmarks is empty: give at least one named prompt set")
+    for name, prompts in benchmarks.items():
+        if not prompts:
+            raise ValueError(f"benchmark {name!r} has no prompts")
+    generation = GenerationConfig(config.max_new_tokens, config.batch_size, config.system_prompt, config.progress)
+    run: dict[str, Any] = {"compliance": {}, "defense_success": {}, "refusal_probability": {}, "counts": {}}
+    for name, prompts in benchmarks.items():
+        prompts = list(prompts)[: config.limit]
+        responses = _responses(model, tokenizer, name, prompts, generation, out_dir)
+        answerable = [i for i, p in enumerate(prompts) if p.category != TOXIC]
+        harmful = [i for i, p in enumerate(prompts) if p.category == TOXIC]
+        if answerable:
+            run["compliance"][name] = compliance_rate([responses[i] for i in answerable])
+        if harmful:
+            run["defense_success"][name] = defense_success(
+                judge, [prompts[i].text for i in harmful], [responses[i] for i in harmful]
+            )
+        run["counts"][name] = {category: sum(p.category == category for p in prompts)
+                               for category in sorted({p.category for p in prompts})}
+        if config.refusal_probability:
+            probs = refusal_probability(model, tokenizer, [p.text for p in prompts],
+                                        batch_size=config.refusal_batch_size,
+                                        system_prompt=config.system_prompt, progress=config.progress)
+            run["refusal_probability"][name] = {
+                category: float(probs[[i for i, p in enumerate(prompts) if p.category == category]].mean())
+                for category in run["counts"][name]
+            }
+    defenses = list(run["defense_success"].values())
+    run["defense_success_mean"] = sum(defenses) / len(defenses) if defenses else None
+    run["judge"] = judge.name
+    run["settings"] = asdict(config)
+    return run
+
+
+def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: GenerationConfig,
+               out_dir: str | Path | None) -> list[str]:
+    """Greedy responses for one benchmark, reused from its checkpoint when it matches."""
+    path = Path(out_dir) / "generations" / f"{name}.jsonl" if out_dir is not None else None
+    if path is not None and path.exists():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if [r["prompt"] for r in rows] == [p.text for p in prompts]:
+            return [r["response"] for r in rows]
+    responses = generate(model, tokenizer, [p.text for p in prompts], config)
+    if path is not None:
+        lines = [json.dumps({"prompt": p.text, "category": p.category, "subset": p.subset, "response": r,
+                             "refusal": is_refusal(r)}) for p, r in zip(prompts, responses)]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+    return responses
