@@ -65,6 +65,7 @@ def jacobian_block(
     j_prime, z_prime = jacobian(x_prime)
     j, z = jacobian(x)
     so, su = tokens if tokens is not None else (torch.topk(z_prime, k).indices, torch.topk(z, k).indices)
+    j_prime, j = j_prime.detach(), j.detach()
     return j_prime[so] @ j[su].T, j_prime[so] @ j_prime[so].T, so, su
 
 
