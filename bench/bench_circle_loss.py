@@ -103,6 +103,8 @@ class CircleBenchConfig:
     max_call_s: float = field(default=30.0, metadata={"help": "skip larger B for an impl slower than this per call"})
     max_minutes: float | None = field(default=None, metadata={"help": "stop starting new cases after this long"})
     check: bool = field(default=True, metadata={"help": "compare each impl's loss and gradient with fp32"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads); on a shared "
+                                                                  "machine 1 keeps other jobs from stalling parallel ops"})
     seed: int = field(default=0, metadata={"help": "seed of the random inputs"})
     results_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "where the results JSON goes"})
 
@@ -119,8 +121,9 @@ class CircleBenchConfig:
             raise ValueError(f"variant must be 'original' or 'dcr', got {self.variant!r}")
         if (self.batch_sizes is None) != (self.dims is None):
             raise ValueError("batch_sizes and dims must be given together (dtypes defaults to float32)")
-        if self.num_classes < 1 or self.budget_s <= 0:
-            raise ValueError(f"num_classes must be ≥ 1 and budget_s > 0, got {self.num_classes}, {self.budget_s}")
+        if self.num_classes < 1 or self.budget_s <= 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"num_classes and threads must be ≥ 1 and budget_s > 0, got {self.num_classes}, "
+                             f"{self.threads}, {self.budget_s}")
 
     def plan(self) -> Preset:
         """The cases, implementations and modes this config asks for."""
@@ -138,6 +141,8 @@ class CircleBenchConfig:
 def run(config: CircleBenchConfig) -> list[Row]:
     """Measure every (case, mode, impl) of the config, save rows as they come, print tables."""
     device = torch.device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     plan = config.plan()
     results = ResultsFile(BENCH, device, results_dir=config.results_dir, extra_packages=("pytorch-metric-learning",))
     print(f"{len(plan.cases)} cases x {plan.modes} x {plan.impls} on {results.run['env']['device']}"
