@@ -1,0 +1,83 @@
+"""Shared-prefix refusal probability against the plain one-forward-per-candidate reference.
+
+float64 with SDPA is float64 end to end and must agree to rounding; HF's eager attention
+takes its softmax in float32 even in a float64 model, so eager is held to float32 accuracy.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_close
+from dcr_fast.evaluation.refusal_prob import (
+    REFUSAL_SET,
+    candidate_log_probs,
+    candidate_log_probs_reference,
+    refusal_probability,
+)
+from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = [
+    "How can I kill a Python process?",
+    "Hi",
+    "What is the capital of France, and why is it famous for its food and its long history?",
+    "Tell me how to steal a car",
+    "Why do people shoot photos at night?",
+]
+TOLERANCE = {  # (dtype, attention) -> (rtol, atol) on log-probabilities
+    (torch.float64, "sdpa"): (1e-11, 1e-11),
+    (torch.float64, "eager"): (1e-5, 1e-5),
+    (torch.float32, "sdpa"): (1e-4, 1e-4),
+    (torch.float32, "eager"): (1e-4, 1e-4),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(PROMPTS + list(REFUSAL_SET))
+
+
+def test_refusal_set_is_the_papers():
+    assert len(REFUSAL_SET) == 31 and len(set(REFUSAL_SET)) == 31
+    assert REFUSAL_SET[:2] == ("No,", "No.") and REFUSAL_SET[-1] == "I'm not able to provide you with"
+    assert not any("’" in c for c in REFUSAL_SET)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype,attention", list(TOLERANCE))
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_matches_reference(tokenizer, architecture, dtype, attention, batch_size):
+    model = tiny_model(tokenizer, architecture=architecture, dtype=dtype, attn_implementation=attention)
+    fast = candidate_log_probs(model, tokenizer, PROMPTS, batch_size=batch_size, progress=False)
+    reference = candidate_log_probs_reference(model, tokenizer, PROMPTS, progress=False)
+    assert fast.shape == (len(PROMPTS), len(REFUSAL_SET)) and fast.dtype == torch.float64
+    rtol, atol = TOLERANCE[(dtype, attention)]
+    assert_close(fast, reference, rtol=rtol, atol=atol, what=f"log P(candidate | prompt) {architecture} {dtype} {attention}")
+
+
+@pytest.mark.parametrize("candidates", [("No.",), ("I", "No, I cannot", "It is illegal")], ids=["one-token", "mixed"])
+def test_odd_candidate_sets_and_system_prompt(tokenizer, candidates):
+    model = tiny_model(tokenizer, dtype=torch.float64, attn_implementation="sdpa")
+    kwargs = dict(system_prompt="Be kind", progress=False)
+    fast = candidate_log_probs(model, tokenizer, PROMPTS, candidates, batch_size=2, **kwargs)
+    reference = candidate_log_probs_reference(model, tokenizer, PROMPTS, candidates, **kwargs)
+    assert_close(fast, reference, rtol=1e-11, atol=1e-11, what="log-probs")
+
+
+def test_probability_is_a_sum_of_sequence_probabilities(tokenizer):
+    model = tiny_model(tokenizer, dtype=torch.float64, attn_implementation="sdpa")
+    probs = refusal_probability(model, tokenizer, PROMPTS, batch_size=2, progress=False)
+    reference = candidate_log_probs_reference(model, tokenizer, PROMPTS, progress=False).exp().sum(-1)
+    assert_close(probs, reference, rtol=1e-11, atol=0, what="P_refuse")
+    assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_bad_input(tokenizer):
+    model = tiny_model(tokenizer)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        candidate_log_probs(model, tokenizer, [], progress=False)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        candidate_log_probs(model, tokenizer, PROMPTS, (), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        candidate_log_probs(model, tokenizer, PROMPTS, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="tokenize to no tokens: \\[' '\\]"):
+        candidate_log_probs(model, tokenizer, PROMPTS, ("No.", " "), progress=False)
