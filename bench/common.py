@@ -17,8 +17,8 @@ Peak memory is the extra memory one call needs above what was allocated before i
 allocator statistics there and ``tracemalloc`` does not see its allocations, so we reset the
 kernel's peak-RSS counter (``/proc/self/clear_refs``, value 5) and report ``VmHWM`` minus the
 ``VmRSS`` before the call, with glibc told to serve every block of 64 KiB or more by ``mmap``
-during that call (so freed blocks leave the RSS and new ones enter it). Blocks under 64 KiB
-that reuse resident heap pages are not counted; it is ``None`` where ``/proc`` does not
+and free heap pages released before it (so freed blocks leave the RSS and new ones enter
+it). Blocks under 64 KiB that reuse resident heap pages are not counted; it is ``None`` where ``/proc`` does not
 allow the reset.
 
 Benchmark scripts run from the repository root as ``python -m bench.bench_<name>`` and
@@ -385,16 +385,19 @@ def _small_mmap_threshold(threshold: int = 64 * 1024) -> Iterator[None]:
     """Make glibc serve blocks ≥ ``threshold`` bytes with mmap while memory is measured.
 
     Otherwise blocks below its dynamic threshold (up to 32 MB) reuse heap pages that are
-    already resident and never show in the RSS peak. Afterwards the threshold is left at 32 MB,
+    already resident and never show in the RSS peak; free heap chunks are still reused
+    first, so their pages are handed back to the kernel (``malloc_trim``) beforehand. Afterwards the threshold is left at 32 MB,
     the value glibc's dynamic threshold settles at once large tensors have been freed.
     """
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         yield
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, threshold)
+    malloc_trim(0)  # free heap chunks are reused before any mmap: drop their pages so reuse shows
     try:
         yield
     finally:
