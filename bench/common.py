@@ -130,6 +130,8 @@ def measure(
         row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
     row.ms_median, row.ms_p20, row.ms_p80, row.repeats = timing.median, timing.p20, timing.p80, timing.repeats
+    if device.type == "cpu":
+        row.metrics["load_avg_1m"] = os.getloadavg()[0]  # other jobs on a shared machine skew CPU timings
     release_memory(device)
     return row
 
