@@ -13,7 +13,8 @@
 #   targets  Circle loss at the three target cases (bf16, fwd+bwd; torch.compile of the
 #            reference too) and the verdict table
 #   tests    pytest -m gpu over tests/ and bench/
-#   others   bench/bench_entk.py, bench_sft.py, bench_refusal_prob.py on CUDA, if present
+#   others   every other bench/bench_*.py (entk, sft, refusal_prob, ...) with --gpu or
+#            --device cuda, whichever it takes, sharing the stage's time
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
 #            costs a compilation per case) until the budget ends
 # Per-stage logs and the results JSON written during the session go into $OUT/session.tar.gz;
@@ -42,6 +43,7 @@ stage() {
   ((cap < limit)) && limit=$cap
   if ((limit < 15)); then echo "== $name: skipped, $(left) s left of the budget"; return; fi
   echo "== $name (limit ${limit} s): $*"
+  export STAGE_LIMIT=$limit
   timeout --signal=INT --kill-after=10 "$limit" bash -c '"$@"' bash "$@" 2>&1 | tee "$LOGS/$name.log"
   echo "== $name: rc=$? after $(( $(date +%s) - START )) s in total"
   collect
@@ -54,16 +56,17 @@ collect() {
 
 circle() { "$PY" -m bench.bench_circle_loss --device cuda "$@"; }
 
-others() {
-  for name in bench_entk bench_sft bench_refusal_prob; do
-    if [[ -f bench/$name.py ]]; then
-      local flag=(--device cuda)  # the scripts take --gpu or --device; ask each which
-      "$PY" -m "bench.$name" --help 2>/dev/null | grep -q -- '--gpu' && flag=(--gpu)
-      echo "-- $name ${flag[*]}"
-      timeout --signal=INT 150 "$PY" -m "bench.$name" "${flag[@]}" || echo "-- $name: rc=$?"
-    else
-      echo "-- $name: bench/$name.py not present, skipped"
-    fi
+others() {  # every other bench/bench_*.py, an equal share of the stage's time each
+  local scripts=() f
+  for f in bench/bench_*.py; do [[ $f == bench/bench_circle_loss.py ]] || scripts+=("$f"); done
+  ((${#scripts[@]})) || { echo "-- no other bench/bench_*.py scripts"; return; }
+  local share=$((STAGE_LIMIT / ${#scripts[@]}))
+  for f in "${scripts[@]}"; do
+    local name; name=$(basename "$f" .py)
+    local flag=(--device cuda)  # the scripts take --gpu or --device; ask each which
+    "$PY" -m "bench.$name" --help 2>/dev/null | grep -q -- '--gpu' && flag=(--gpu)
+    echo "-- $name ${flag[*]} (limit ${share} s)"
+    timeout --signal=INT --kill-after=5 "$share" "$PY" -m "bench.$name" "${flag[@]}" || echo "-- $name: rc=$?"
   done
 }
 
