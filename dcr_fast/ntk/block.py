@@ -64,7 +64,7 @@ def entk_block(
     elif method == "fd-reference":
         K, K_self, so, su = fd_reference_block(model, spec, ids_prime, ids, k=k, eps=eps)
     else:
-        K, K_self, so, su = _fd_module().fd_block(model, spec, ids_prime, ids, k=k, eps=eps)
+        K, K_self, so, su = fd_module().fd_block(model, spec, ids_prime, ids, k=k, eps=eps)
     return EntkBlock(K, K_self, so, su, normalized(K, K_self))
 
 
@@ -97,13 +97,11 @@ def encode(prompt: torch.Tensor | str, tokenizer, name: str) -> torch.Tensor:
     return prompt
 
 
-def _fd_module():
+def fd_module():
     try:
         from dcr_fast.ntk import fd
     except ImportError as exc:
         raise RuntimeError(
             f"method='fd' needs dcr_fast.ntk.fd (the batched finite-difference engine), which failed to import: {exc}"
         ) from exc
-    if not hasattr(fd, "fd_block"):
-        raise RuntimeError("dcr_fast.ntk.fd has no fd_block(model, spec, x_prime, x, *, k, eps); use method='exact'")
     return fd

@@ -31,13 +31,31 @@ def fd_reference_block(
     model: nn.Module, spec: TailSpec, x_prime: torch.Tensor, x: torch.Tensor, *, k: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(K, K_self, So, Su) by the paper's VJP → central-difference scheme on the whole model."""
-    theta = _subset(model, spec)
-    with torch.no_grad():
-        so = torch.topk(_last_logits(model, theta, x_prime), k).indices
-        su = torch.topk(_last_logits(model, theta, x), k).indices
-    K = torch.stack([_fd_column(model, theta, x, int(i), x_prime, so, eps) for i in su], dim=1)
-    K_self = torch.stack([_fd_column(model, theta, x_prime, int(i), x_prime, so, eps) for i in so], dim=1)
+    so, su = top_tokens(model, x_prime, k), top_tokens(model, x, k)
+    K = fd_reference_kernel(model, spec, x_prime, x, so, su, eps=eps)
+    K_self = fd_reference_kernel(model, spec, x_prime, x_prime, so, so, eps=eps)
     return K, K_self, so, su
+
+
+def fd_reference_kernel(
+    model: nn.Module,
+    spec: TailSpec,
+    x_prime: torch.Tensor,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    eps: float,
+) -> torch.Tensor:
+    """K(x', x)[rows, cols]: per column one VJP on x and two perturbed forwards on x'."""
+    theta = _subset(model, spec)
+    return torch.stack([_fd_column(model, theta, x, int(i), x_prime, rows, eps) for i in cols], dim=1)
+
+
+@torch.no_grad()
+def top_tokens(model: nn.Module, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most likely next tokens after ``ids`` by the whole model's logits."""
+    return torch.topk(model(ids[None], use_cache=False).logits[0, -1], k).indices
 
 
 def jacobian_block(

@@ -1,0 +1,265 @@
+"""eNTK similarity of every prompt pair across named groups: the matrix, group means, heatmap.
+
+``entk_matrix`` takes groups of prompts (e.g. toxic / seemingly toxic / normal) and returns
+normalized[r, c] = ‖K(x'_r, x_c)[So_r, Su_c]‖_F / ‖K(x'_r, x'_r)[So_r, So_r]‖_F for all prompts
+r, c in the concatenated groups, plus the per-group-pair means that make the heatmaps of
+the paper's figures 3 and 6 (a prompt paired with itself is left out of the means).
+
+Work is split into row chunks of ``chunk_size`` prompts x'. With ``out_dir`` each finished
+chunk is written atomically to ``out_dir/chunks/`` and a rerun with the same settings skips
+it, so a crashed run resumes where it stopped. The ``exact`` method records each prompt's
+probe features once (:func:`dcr_fast.ntk.exact.probe_features`) and contracts chunk × chunk;
+``fd`` reuses those features as its directions (:func:`dcr_fast.ntk.fd.fd_blocks`);
+``fd-reference`` goes pair by pair as the paper does (normalizers once per prompt).
+
+Files in ``out_dir``: ``run.json`` (settings and prompts, checked on resume),
+``chunks/rows_*.npy``, ``matrix.npy`` (N×N float64), ``means.json`` and ``heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dcr_fast.ntk.block import check_options, encode, fd_module
+from dcr_fast.ntk.exact import ProbeFeatures, probe_features, probe_gram
+from dcr_fast.ntk.reference import fd_reference_kernel, top_tokens
+from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_spec
+
+
+@dataclass(frozen=True)
+class EntkMatrixConfig:
+    """Settings of one matrix run; the CLI flags mirror these fields."""
+
+    k: int = 5
+    tail_layers: int = 1
+    include_lm_head: bool = True
+    method: str = "exact"
+    eps: float = 1e-3
+    chunk_size: int = 64
+
+
+@dataclass
+class EntkMatrix:
+    """normalized (N×N, row x', column x), each prompt's group, and the group-pair means."""
+
+    normalized: np.ndarray
+    labels: list[str]
+    group_names: list[str]
+    means: np.ndarray  # (G, G): rows x' group, columns x group
+
+    def means_dict(self) -> dict[str, dict[str, float]]:
+        return {
+            a: {b: float(self.means[i, j]) for j, b in enumerate(self.group_names)}
+            for i, a in enumerate(self.group_names)
+        }
+
+
+def entk_matrix(
+    model: nn.Module,
+    tokenizer,
+    groups: dict[str, list],
+    *,
+    k: int = 5,
+    tail_layers: int = 1,
+    include_lm_head: bool = True,
+    method: str = "exact",
+    eps: float = 1e-3,
+    chunk_size: int = 64,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EntkMatrix:
+    """All-pairs normalized eNTK similarity of the prompts in ``groups`` (see the module docstring).
+
+    ``groups`` maps a group name to its prompts: strings (with ``tokenizer``, which applies
+    the chat template) or 1-D LongTensors of token ids (``tokenizer=None``).
+    """
+    config = EntkMatrixConfig(k, tail_layers, include_lm_head, method, eps, chunk_size)
+    check_options(model, k=k, method=method, eps=eps)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(groups, dict) or not groups or any(not isinstance(v, list) or not v for v in groups.values()):
+        raise ValueError("groups must be a non-empty dict of group name -> non-empty list of prompts")
+    device = next(model.parameters()).device
+    labels = [name for name, items in groups.items() for _ in items]
+    prompts = [
+        encode(p, tokenizer, f"groups[{name!r}][{i}]").to(device)
+        for name, items in groups.items()
+        for i, p in enumerate(items)
+    ]
+    spec = tail_spec(model, tail_layers, include_lm_head)
+    store = _ChunkStore(Path(out_dir), config, labels, prompts) if out_dir is not None else None
+
+    engine_class = _ReferenceEngine if method == "fd-reference" else _FeatureEngine
+    engine = engine_class(model, spec, prompts, config)
+    n = len(prompts)
+    starts = range(0, n, chunk_size)
+    rows_out: list[np.ndarray] = []
+    with tqdm(total=n * n, unit="pair", disable=not progress, desc=f"eNTK {method}") as bar:
+        for start in starts:
+            rows = range(start, min(start + chunk_size, n))
+            block = store.load(start) if store is not None else None
+            if block is None:
+                block = engine.normalized_rows(rows)
+                if store is not None:
+                    store.save(start, block)
+            rows_out.append(block)
+            bar.update(len(rows) * n)
+
+    normalized = np.concatenate(rows_out, axis=0)
+    group_names = list(groups)
+    result = EntkMatrix(normalized, labels, group_names, group_means(normalized, labels, group_names))
+    if store is not None:
+        store.finish(result)
+    return result
+
+
+def group_means(normalized: np.ndarray, labels: list[str], group_names: list[str]) -> np.ndarray:
+    """Mean of ``normalized`` over pairs (x' in group a, x in group b), self-pairs excluded."""
+    label_index = np.array([group_names.index(label) for label in labels])
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    means = np.full((len(group_names), len(group_names)), np.nan)
+    for a in range(len(group_names)):
+        for b in range(len(group_names)):
+            mask = (label_index[:, None] == a) & (label_index[None, :] == b) & off_diagonal
+            if mask.any():
+                means[a, b] = normalized[mask].mean()
+    return means
+
+
+def save_heatmap(result: EntkMatrix, path: str | os.PathLike, title: str = "normalized eNTK ‖K(x′, x)‖") -> None:
+    """The figure-3/6 style heatmap of group-pair means, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = len(result.group_names)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * g, 1.2 + 1.1 * g))
+    image = ax.imshow(result.means, cmap="viridis")
+    for i in range(g):
+        for j in range(g):
+            ax.text(j, i, f"{result.means[i, j]:.2f}", ha="center", va="center", color="w")
+    ax.set_xticks(range(g), result.group_names, rotation=30, ha="right")
+    ax.set_yticks(range(g), result.group_names)
+    ax.set_xlabel("x")
+    ax.set_ylabel("x′")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    _atomic(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120))
+    plt.close(fig)
+
+
+class _FeatureEngine:
+    """exact and fd: per chunk of prompts one prefix pass and one probe-feature pass, then
+    chunk × chunk blocks — the structured Gram, or the batched finite difference."""
+
+    def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
+        self.chunk_size = config.chunk_size
+        self.chunks = [
+            _chunk_features(model, spec, prompts[start : start + config.chunk_size], config.k)
+            for start in range(0, len(prompts), config.chunk_size)
+        ]
+        if config.method == "exact":
+            self.blocks = lambda left, right: probe_gram(left[2], right[2])
+        else:
+            fd_blocks = fd_module().fd_blocks
+            self.blocks = lambda left, right: fd_blocks(model, spec, left[0], left[1], right[2], eps=config.eps)
+        self.self_norms = torch.cat([_pair_norms(self.blocks(c, c)).diagonal() for c in self.chunks])
+
+    def normalized_rows(self, rows: range) -> np.ndarray:
+        left = self.chunks[rows.start // self.chunk_size]
+        norms = torch.cat([_pair_norms(self.blocks(left, right)) for right in self.chunks], dim=1)
+        return (norms / self.self_norms[rows.start : rows.stop, None]).cpu().double().numpy()
+
+
+class _ReferenceEngine:
+    """fd-reference: pair by pair as the paper does, each prompt's normalizer computed once."""
+
+    def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
+        self.prompts = prompts
+        self.kernel = lambda xp, x, so, su: fd_reference_kernel(model, spec, xp, x, so, su, eps=config.eps)
+        self.tokens = [top_tokens(model, p, config.k) for p in prompts]
+        self.self_norms = [torch.linalg.matrix_norm(self.kernel(p, p, t, t)) for p, t in zip(prompts, self.tokens)]
+
+    def normalized_rows(self, rows: range) -> np.ndarray:
+        out = np.empty((len(rows), len(self.prompts)))
+        for a, r in enumerate(rows):
+            for c, x in enumerate(self.prompts):
+                K = self.kernel(self.prompts[r], x, self.tokens[r], self.tokens[c])
+                out[a, c] = float(torch.linalg.matrix_norm(K) / self.self_norms[r])
+        return out
+
+
+def _chunk_features(
+    model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], k: int
+) -> tuple[PrefixCache, torch.Tensor, ProbeFeatures]:
+    """(prefix cache, top-k tokens, probe features) of a chunk of prompts."""
+    ids, mask = pad_prompts(prompts)
+    cache = run_prefix(model, ids, mask, spec=spec)
+    with torch.no_grad():
+        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
+    return cache, tokens, probe_features(model, spec, cache, tokens)
+
+
+def _pair_norms(gram: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each (k×k) block of a (n, n', k, k') Gram."""
+    return gram.pow(2).sum(dim=(2, 3)).sqrt()
+
+
+class _ChunkStore:
+    """Row chunks on disk, written atomically; a run's identity is checked before reuse."""
+
+    def __init__(self, root: Path, config: EntkMatrixConfig, labels: list[str], prompts: list[torch.Tensor]):
+        self.root = root
+        (root / "chunks").mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        for p in prompts:
+            digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
+        run = {"config": asdict(config), "labels": labels, "prompts_sha256": digest.hexdigest()}
+        run_file = root / "run.json"
+        if run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous != run:
+                raise ValueError(
+                    f"out_dir {root} holds a run with other settings or prompts; use a fresh out_dir "
+                    f"(previous config: {previous.get('config')})"
+                )
+        else:
+            _atomic(run_file, lambda handle: handle.write(json.dumps(run, indent=1).encode()))
+
+    def _chunk(self, start: int) -> Path:
+        return self.root / "chunks" / f"rows_{start:08d}.npy"
+
+    def load(self, start: int) -> np.ndarray | None:
+        path = self._chunk(start)
+        return np.load(path) if path.exists() else None
+
+    def save(self, start: int, block: np.ndarray) -> None:
+        _atomic(self._chunk(start), lambda handle: np.save(handle, block))
+
+    def finish(self, result: EntkMatrix) -> None:
+        _atomic(self.root / "matrix.npy", lambda handle: np.save(handle, result.normalized))
+        summary = {"groups": result.group_names, "labels": result.labels, "means": result.means_dict()}
+        _atomic(self.root / "means.json", lambda handle: handle.write(json.dumps(summary, indent=1).encode()))
+        save_heatmap(result, self.root / "heatmap.png")
+
+
+def _atomic(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
