@@ -6,14 +6,18 @@ exact, finite-difference and reference engines are built on.
 """
 
 from dcr_fast.ntk.block import METHODS, EntkBlock, entk_block
+from dcr_fast.ntk.matrix import EntkMatrix, EntkMatrixConfig, entk_matrix
 from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_parameters, tail_spec, tail_vjp
 
 __all__ = [
     "METHODS",
     "EntkBlock",
+    "EntkMatrix",
+    "EntkMatrixConfig",
     "PrefixCache",
     "TailSpec",
     "entk_block",
+    "entk_matrix",
     "pad_prompts",
     "run_prefix",
     "tail_logits",
