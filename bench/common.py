@@ -18,7 +18,8 @@ allocator statistics there and ``tracemalloc`` does not see its allocations, so 
 kernel's peak-RSS counter (``/proc/self/clear_refs``, value 5) and report ``VmHWM`` minus the
 ``VmRSS`` before the call, with glibc told to serve every block of 64 KiB or more by ``mmap``
 and free heap pages released before it (so freed blocks leave the RSS and new ones enter
-it). Blocks under 64 KiB that reuse resident heap pages are not counted; it is ``None`` where ``/proc`` does not
+it). Blocks under 64 KiB that reuse resident heap pages are not counted, and heap reuse
+makes the figure vary by some tens of MiB with what ran before; it is ``None`` where ``/proc`` does not
 allow the reset.
 
 Benchmark scripts run from the repository root as ``python -m bench.bench_<name>`` and
