@@ -108,7 +108,9 @@ def entk_matrix(
         for start in starts:
             rows = range(start, min(start + chunk_size, n))
             block = store.load(start) if store is not None else None
-            if block is None:
+            if block is not None:
+                engine.record(rows, block)
+            else:
                 block = engine.normalized_rows(rows)
                 if store is not None:
                     store.save(start, block)
@@ -162,7 +164,12 @@ def save_heatmap(result: EntkMatrix, path: str | os.PathLike, title: str = "norm
 
 class _FeatureEngine:
     """exact and fd: per chunk of prompts one prefix pass and one probe-feature pass, then
-    chunk × chunk blocks — the structured Gram, or the batched finite difference."""
+    chunk × chunk blocks — the structured Gram, or the batched finite difference.
+
+    ``pair_norms[r, c]`` = ‖K(x'_r, x_c)[So_r, Su_c]‖_F as far as known. The exact Gram is
+    symmetric, ‖K(x', x)‖_F = ‖K(x, x')‖_F, so for ``exact`` a row chunk reuses the blocks
+    below the diagonal that earlier row chunks (computed or loaded) already gave.
+    """
 
     def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
         self.chunk_size = config.chunk_size
@@ -170,17 +177,40 @@ class _FeatureEngine:
             _chunk_features(model, spec, prompts[start : start + config.chunk_size], config.k)
             for start in range(0, len(prompts), config.chunk_size)
         ]
-        if config.method == "exact":
+        self.symmetric = config.method == "exact"
+        if self.symmetric:
             self.blocks = lambda left, right: probe_gram(left[2], right[2])
         else:
             fd_blocks = fd_module().fd_blocks
             self.blocks = lambda left, right: fd_blocks(model, spec, left[0], left[1], right[2], eps=config.eps)
-        self.self_norms = torch.cat([_pair_norms(self.blocks(c, c)).diagonal() for c in self.chunks])
+        device = self.chunks[0][1].device
+        self.pair_norms = torch.full((len(prompts), len(prompts)), float("nan"), dtype=torch.float64, device=device)
+        for i, chunk in enumerate(self.chunks):
+            rows = self._rows(i)
+            self.pair_norms[rows, rows] = _pair_norms(self.blocks(chunk, chunk)).double()
+        self.self_norms = self.pair_norms.diagonal().clone()
 
     def normalized_rows(self, rows: range) -> np.ndarray:
-        left = self.chunks[rows.start // self.chunk_size]
-        norms = torch.cat([_pair_norms(self.blocks(left, right)) for right in self.chunks], dim=1)
-        return (norms / self.self_norms[rows.start : rows.stop, None]).cpu().double().numpy()
+        i = rows.start // self.chunk_size
+        for j, right in enumerate(self.chunks):
+            if j == i or (self.symmetric and j < i):
+                continue
+            self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(self.chunks[i], right)).double()
+            if self.symmetric:
+                self.pair_norms[self._rows(j), self._rows(i)] = self.pair_norms[self._rows(i), self._rows(j)].T
+        norms = self.pair_norms[self._rows(i)]
+        return (norms / self.self_norms[self._rows(i), None]).cpu().numpy()
+
+    def record(self, rows: range, normalized: np.ndarray) -> None:
+        """Take a row chunk read back from disk, so later chunks can reuse its blocks."""
+        chunk = self._rows(rows.start // self.chunk_size)
+        block = torch.as_tensor(normalized, device=self.pair_norms.device) * self.self_norms[chunk, None]
+        self.pair_norms[chunk] = block
+        if self.symmetric:
+            self.pair_norms[:, chunk] = block.T
+
+    def _rows(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.pair_norms.shape[0]))
 
 
 class _ReferenceEngine:
@@ -199,6 +229,9 @@ class _ReferenceEngine:
                 K = self.kernel(self.prompts[r], x, self.tokens[r], self.tokens[c])
                 out[a, c] = float(torch.linalg.matrix_norm(K) / self.self_norms[r])
         return out
+
+    def record(self, rows: range, normalized: np.ndarray) -> None:
+        """Pairs are independent here: a chunk read back from disk offers nothing to reuse."""
 
 
 def _chunk_features(
