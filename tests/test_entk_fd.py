@@ -131,3 +131,17 @@ def test_bad_options_are_value_errors(kwargs, match):
         fd.fd_blocks(model, spec, cache, tokens, features, **kwargs)
     with pytest.raises(ValueError, match="query_tokens must be"):
         fd.fd_blocks(model, spec, cache, tokens[:1], features)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen2-tied", "llama-bias-untied"])
+def test_fd_on_cuda_matches_fd_reference_and_exact(arch):
+    model = tiny(arch).cuda()
+    x_prime, x = (p.cuda() for p in prompts())
+    kwargs = dict(k=5, tail_layers=2)
+    fast, ref = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "fd-reference", **kwargs)
+    assert fast.K.is_cuda and torch.equal(fast.Su, ref.Su)
+    assert rel(fast.K, ref.K) < SAME_AS_REFERENCE and rel(fast.K_self, ref.K_self) < SAME_AS_REFERENCE
+    model32 = tiny(arch, dtype=torch.float32).cuda()
+    fast32, exact32 = _block(model32, x_prime, x, "fd", **kwargs), _block(model32, x_prime, x, "exact", **kwargs)
+    assert rel(fast32.K, exact32.K) < 2 * FD_VS_EXACT and rel(fast32.K_self, exact32.K_self) < 2 * FD_VS_EXACT
