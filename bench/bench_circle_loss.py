@@ -50,6 +50,7 @@ from bench.common import (
     format_table,
     measure,
     release_memory,
+    render_table,
     skipped,
 )
 
@@ -178,10 +179,32 @@ def run(config: CircleBenchConfig) -> list[Row]:
             rows += case_rows
             tqdm.write(format_table(case_rows, METRIC_KEYS) + "\n", file=sys.stdout)
         del x, labels
+    print(summary_table(rows))
     if device.type == "cuda":
         print(verdict_table(rows))
     print(f"results: {results.path}")
     return rows
+
+
+def summary_table(rows: list[Row]) -> str:
+    """One line per (case, mode): median ms of each impl, and the speedup of each over PML."""
+    impls = [i for i in IMPLS if any(r.impl == i for r in rows)]
+    compared = [i for i in impls if i not in ("pml", "matmul")]
+    lines = [["B", "d", "dtype", "mode", *(f"{i} ms" for i in impls), *(f"{i} vs pml" for i in compared)]]
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((r.case["B"], r.case["d"], r.case["dtype"], r.mode), {})[r.impl] = r
+
+    def time_cell(r: Row | None) -> str:
+        return "-" if r is None else (f"{r.ms_median:.4g}" if r.ok else r.status)
+
+    def speedup_cell(r: Row | None) -> str:
+        return f"{r.metrics['speedup_vs_pml']:.2f}x" if r is not None and "speedup_vs_pml" in r.metrics else "-"
+
+    for (B, d, dtype, mode), by_impl in groups.items():
+        lines.append([str(B), str(d), dtype, mode, *(time_cell(by_impl.get(i)) for i in impls),
+                      *(speedup_cell(by_impl.get(i)) for i in compared)])
+    return render_table(lines, align="right")
 
 
 def loss_function(impl: str, config: CircleBenchConfig, device: torch.device) -> Callable | str:

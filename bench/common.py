@@ -321,8 +321,14 @@ def format_table(rows: Sequence[Row], metric_keys: Sequence[str] = ()) -> str:
         cells += [_fmt(r.metrics.get(k)) for k in metric_keys]
         cells.append(r.status if r.ok else f"{r.status}: {r.reason[:60]}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return render_table(lines)
+
+
+def render_table(lines: Sequence[Sequence[str]], align: str = "left") -> str:
+    """Fixed-width text of a header line and rows of cells, columns padded to their widest cell."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    pad = str.ljust if align == "left" else str.rjust
+    return "\n".join("  ".join(pad(c, w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
