@@ -44,11 +44,14 @@ def _fwd_bwd(loss_fn, x: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def _assert_matches_reference(loss: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> None:
+def _assert_matches_reference(loss: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
+                              check_grad: bool = True) -> None:
     ref_x = x.detach().float().requires_grad_(True)
     ref = dcr_fast.circle_loss(ref_x, labels, backend="torch")
     ref.backward()
     torch.testing.assert_close(loss.float(), ref.detach(), rtol=LOSS_RTOL[x.dtype], atol=0)
+    if not check_grad:
+        return
     grad_err = float((x.grad.float() - ref_x.grad).norm() / ref_x.grad.norm())
     assert grad_err <= GRAD_RTOL[x.dtype], f"relative gradient error {grad_err:.2e} > {GRAD_RTOL[x.dtype]:.0e}"
 
@@ -72,7 +75,9 @@ def test_bench_gpu_fwd_bwd_bf16(benchmark, impl: str, B: int, d: int) -> None:
     loss_fn = bcl.loss_function(impl, bcl.CircleBenchConfig(device="cuda"), torch.device("cuda"))
     x, labels = _inputs(B, d, torch.bfloat16, "cuda")
     loss = benchmark(_fwd_bwd(loss_fn, x, labels))
-    _assert_matches_reference(loss, x, labels)
+    # PML computes in bf16 throughout: its gradient is ~0.1 off fp32 (measured on the CPU), so
+    # only its loss is held to the reference here.
+    _assert_matches_reference(loss, x, labels, check_grad=impl != "pml")
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
