@@ -7,6 +7,10 @@ candidate's first token), the cache is repeated once per candidate, and one more
 scores the remaining candidate tokens of all prompts × candidates together. The cost is one
 prompt pass plus one short pass, instead of one full prompt+candidate pass per candidate
 (`candidate_log_probs_reference`, kept beside it as the plain definition and test oracle).
+Only the positions that score a candidate token go through the vocabulary projection
+(`model.get_output_embeddings()` applied to `model.get_decoder()`'s output, which is how
+Qwen2, Llama and Mistral form their logits; models that rescale or cap logits after the head
+are not supported).
 
 Token ids are the chat-templated prompt's ids followed by the candidate's own ids
 (tokenized without special tokens), in both paths.
@@ -96,7 +100,7 @@ def candidate_log_probs(
     pad_id = pad_token_id(tokenizer)
     tails, tail_mask = _right_pad(candidate_ids, pad_id, device)
     num_candidates = len(candidate_ids)
-    first_tokens = tails[:, 0]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     was_training = model.training
     model.eval()
     scores = []
@@ -109,31 +113,44 @@ def candidate_log_probs(
             input_ids, mask = _right_pad(prompt_ids[start : start + batch_size], pad_id, device)
             rows = input_ids.shape[0]
             lengths = mask.sum(-1)
-            prefix = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
-            last = prefix.logits[torch.arange(rows, device=device), lengths - 1]
-            first = last.double().log_softmax(-1)[:, first_tokens]  # [rows, K]
-            if tails.shape[1] == 1:
-                scores.append(first.cpu())
-                continue
-            cache = prefix.past_key_values
-            cache.batch_repeat_interleave(num_candidates)
-            rest_ids = tails[:, :-1].repeat(rows, 1)  # rows*K inputs, row-major over (prompt, candidate)
-            rest_mask = tail_mask[:, :-1].repeat(rows, 1)
-            rest = model(
-                input_ids=rest_ids,
-                attention_mask=torch.cat([mask.repeat_interleave(num_candidates, 0), rest_mask], dim=1),
-                position_ids=lengths.repeat_interleave(num_candidates)[:, None]
-                + torch.arange(rest_ids.shape[1], device=device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            targets = tails[:, 1:].repeat(rows, 1)
-            picked = rest.logits.double().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-            picked = (picked * tail_mask[:, 1:].repeat(rows, 1)).sum(-1).view(rows, num_candidates)
-            scores.append((first + picked).cpu())
+            prefix = decoder(input_ids=input_ids, attention_mask=mask, use_cache=True)
+            last = prefix.last_hidden_state[torch.arange(rows, device=device), lengths - 1]
+            score = _token_log_probs(head, last[:, None].expand(-1, num_candidates, -1), tails[None, :, 0].expand(rows, -1))
+            if tails.shape[1] > 1:
+                cache = prefix.past_key_values
+                cache.batch_repeat_interleave(num_candidates)
+                rest_ids = tails[:, :-1].repeat(rows, 1)  # rows*K inputs, row-major over (prompt, candidate)
+                rest = decoder(
+                    input_ids=rest_ids,
+                    attention_mask=torch.cat([mask.repeat_interleave(num_candidates, 0),
+                                              tail_mask[:, :-1].repeat(rows, 1)], dim=1),
+                    position_ids=lengths.repeat_interleave(num_candidates)[:, None]
+                    + torch.arange(rest_ids.shape[1], device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                # Only real candidate tokens reach the vocabulary projection, not the padding.
+                scored = tail_mask[:, 1:].repeat(rows, 1).bool()
+                picked = torch.zeros(scored.shape, dtype=torch.float64, device=device)
+                picked[scored] = _token_log_probs(head, rest.last_hidden_state[scored], tails[:, 1:].repeat(rows, 1)[scored])
+                score = score + picked.sum(-1).view(rows, num_candidates)
+            scores.append(score.cpu())
     finally:
         model.train(was_training)
     return torch.cat(scores)
+
+
+def _token_log_probs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                     chunk: int = 4096) -> torch.Tensor:
+    """log softmax(head(hidden))[target] per position (float64), a chunk of positions at a time
+    so that only chunk × vocabulary logits exist at once."""
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out = torch.empty(flat_targets.shape, dtype=torch.float64, device=hidden.device)
+    for begin in range(0, flat_targets.numel(), chunk):
+        logits = head(flat_hidden[begin : begin + chunk]).double()
+        picked = logits.gather(-1, flat_targets[begin : begin + chunk, None])[:, 0]
+        out[begin : begin + chunk] = picked - logits.logsumexp(-1)
+    return out.view(targets.shape)
 
 
 @torch.no_grad()

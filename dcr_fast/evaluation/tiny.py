@@ -37,15 +37,20 @@ def tiny_tokenizer(texts: Iterable[str]):
 
 
 def tiny_model(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 32, layers: int = 2,
-               dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", seed: int = 0):
-    """A random causal LM sized for `tokenizer`'s vocabulary ("qwen2" or "llama")."""
+               vocab_size: int | None = None, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "eager", seed: int = 0):
+    """A random causal LM for `tokenizer` ("qwen2" or "llama"); `vocab_size` may exceed the
+    tokenizer's to give the output layer a realistic width (the extra ids are never produced
+    by the tokenizer but take probability mass like real ones)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     configs = {"qwen2": Qwen2Config, "llama": LlamaConfig}
     if architecture not in configs:
         raise ValueError(f"architecture must be one of {sorted(configs)}, got {architecture!r}")
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size must be >= the tokenizer's {len(tokenizer)}, got {vocab_size}")
     config = configs[architecture](
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
