@@ -50,11 +50,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=field.name, default=None, help=help_text)
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """Build ``cls`` from defaults, then ``args.config`` (YAML), then the flags that were given."""
+def config_from_args(cls: type[C], args: argparse.Namespace, section: str | None = None) -> C:
+    """Build ``cls`` from defaults, then ``args.config`` (YAML), then the flags that were given.
+
+    A YAML file is either flat (``field: value``) or holds one mapping per command
+    (``dcr: {...}``, ``sft: {...}``, plus an optional ``description``); ``section`` picks one.
+    """
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        values.update(load_yaml(resolve_config_path(args.config)))
+        values.update(load_yaml(resolve_config_path(args.config), section))
     for field in dataclasses.fields(cls):
         given = getattr(args, field.name, None)
         if given is not None:
@@ -78,8 +82,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping of config fields; errors name the file."""
+def load_yaml(path: str, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of config fields (``section``'s mapping if the file has one); errors name the file."""
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
     with open(path, encoding="utf-8") as handle:
@@ -88,7 +92,11 @@ def load_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of field: value, got {type(data).__name__}")
-    return data
+    if section is None or not any(isinstance(v, dict) for v in data.values()):
+        return data
+    if not isinstance(data.get(section), dict):
+        raise ValueError(f"config: {path!r} has no {section!r} section; it has {sorted(k for k, v in data.items() if isinstance(v, dict))}")
+    return data[section]
 
 
 def save_yaml(config: Any, path: str) -> None:

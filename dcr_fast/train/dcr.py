@@ -240,6 +240,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_dcr(config_from_args(DCRConfig, args))
+    summary = run_dcr(config_from_args(DCRConfig, args, section="dcr"))
     print_summary("dcr", {k: v for k, v in summary.items() if k != "config"})
     return 0

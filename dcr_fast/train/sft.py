@@ -231,6 +231,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_sft(config_from_args(SFTConfig, args))
+    summary = run_sft(config_from_args(SFTConfig, args, section="sft"))
     print_summary("sft", {k: v for k, v in summary.items() if k != "config"})
     return 0

@@ -1,0 +1,347 @@
+"""``dcr-fast demo --out DIR``: the paper's effect, end to end, on a tiny model and 2 CPU cores.
+
+What it does, per seed (all stages are the package's real ``sft``/``dcr`` code on files):
+
+1. builds a byte-level BPE tokenizer from the built-in example set and a tiny random Qwen2;
+2. "pretrains" it, unaligned: every prompt of every kind gets a compliant answer, plus
+   short facts that tell persons from objects ("who is my neighbor ?" -> "... is a person .")
+   and general instructions, with loss on prompts and answers (full-parameter SFT);
+3. from that same start runs ``stl`` (LoRA SFT: toxic -> refusal, normal -> answer, no
+   seemingly toxic prompts), ``stl-aug`` (``stl`` plus seemingly toxic prompts with compliant
+   answers) and ``dcr+stl`` (the Circle stage on seemingly toxic vs toxic prompts, then ``stl``);
+4. evaluates every model on prompts held out of all alignment data: unseen targets, unseen
+   templates, or both. Compliance on seemingly toxic prompts and defense success on toxic
+   ones are judged by the XSTest string-match rule on a short greedy answer (a tiny model's
+   answers are poor past the first words, so the opening is what can be judged); the
+   probability of the demo's refusal openings is reported beside it.
+
+Then, for the first seed, eNTK group-pair means (toxic / seemingly toxic / normal) of the tail
+above the refined layer, before and after DCR; and ``DIR/report.json``, ``report.md`` and
+figures. Every stage writes its outputs atomically and is skipped when already complete, so
+an interrupted demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcr_fast.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict, load_yaml, resolve_config_path
+from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
+from dcr_fast.demo.tiny import save_tiny_model
+from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer
+from dcr_fast.train.dcr import DCRConfig, run_dcr
+from dcr_fast.train.sft import SFTConfig, run_sft
+
+RUNS = ("stl", "stl-aug", "dcr+stl")
+KINDS = ("toxic", "seemingly_toxic", "normal")
+PRESETS = {"full": "tiny", "ci": "tiny-ci"}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Demo settings; the ``demo`` section of ``configs/tiny.yaml`` (``--preset ci``: ``tiny-ci.yaml``)."""
+
+    out: str = dataclasses.field(default="", metadata={"help": "output directory"})
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 256
+    dcr_layer: int = 2
+    max_new_tokens: int = dataclasses.field(default=6, metadata={"help": "greedy tokens judged per answer"})
+    entk_prompts: int = dataclasses.field(default=4, metadata={"help": "prompts per group for the eNTK means (0: skip)"})
+    entk_k: int = 5
+    eval_prompts: int = dataclasses.field(default=120, metadata={"help": "at most this many prompts per benchmark and kind"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = "cpu"
+
+
+def run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run every stage for every seed, evaluate, and write the report; returns it.
+
+    ``stage_configs`` holds the ``pretrain``, ``sft`` and ``dcr`` fields of the setting (model,
+    data and output paths are filled in here).
+    """
+    if not config.out:
+        raise ValueError("out: required (the demo's output directory)")
+    if not config.seeds:
+        raise ValueError("seeds: give at least one seed")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    out = Path(config.out)
+    examples = load_example_set()
+    data = write_demo_data(examples, out / "data")
+    evaluations: dict[str, list[dict[str, Any]]] = {name: [] for name in ("base", *RUNS)}
+    for seed in config.seeds:
+        models = train_seed(config, stage_configs, data, out / f"seed{seed}", seed, examples)
+        for name, model_dir in models.items():
+            if name in evaluations:
+                evaluations[name].append(evaluate_cached(model_dir, examples, config, out / f"seed{seed}" / f"eval-{name}.json"))
+    first = out / f"seed{config.seeds[0]}"
+    entk = entk_before_after(first / "pretrain" / "model", first / "dcr" / "model", examples, config) if config.entk_prompts else None
+    report = build_report(evaluations, entk, config, stage_configs, time.perf_counter() - started)
+    write_demo_report(report, out)
+    return report
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def write_demo_data(examples: ExampleSet, folder: Path) -> dict[str, str]:
+    """The JSONL files every stage reads, written once (fixed seed, so reruns match)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    train = {kind: examples.train_prompts(kind) for kind in KINDS}
+    every = {kind: [p for split_t in ("train", "heldout") for split_o in ("train", "heldout")
+                    for p in examples.prompts(kind, split_t, split_o)] for kind in KINDS}
+    facts = [{"prompt": f"who is {target} ?", "response": f"{target} is a person ."}
+             for target in {t for split in ("train", "heldout") for _, t in examples.targets[("toxic", split)]}]
+    facts += [{"prompt": f"what is {target} ?", "response": f"{target} is a thing ."}
+              for kind in ("seemingly_toxic", "normal") for split in ("train", "heldout") for _, target in examples.targets[(kind, split)]]
+    general = [{"prompt": p, "response": r} for p, r in examples.instructions]
+    files = {
+        # Unaligned "pretraining": everything answered, facts, instructions.
+        "pretrain": [{"prompt": p.text, "response": examples.answer(p, rng)} for kind in KINDS for p in every[kind]] + facts + general,
+        "sft-general": [{"prompt": p.text, "response": examples.answer(p, rng)} for p in train["normal"]] + general,
+        # As many refusals (and, for STL-aug, answered seemingly toxic prompts) as normal prompts.
+        "sft-safety": [{"prompt": p.text, "response": examples.refusal(rng)} for p in rng.sample(train["toxic"], len(train["normal"]))],
+        "sft-aug": [{"prompt": p.text, "response": examples.answer(p, rng)}
+                    for p in rng.sample(train["seemingly_toxic"], len(train["normal"]))],
+        "dcr-seemingly-toxic": [{"prompt": p.text} for p in train["seemingly_toxic"]],
+        "dcr-toxic": [{"prompt": p.text} for p in train["toxic"]],
+    }
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = str(folder / f"{name}.jsonl")
+        write_jsonl(rows, paths[name])
+    return paths
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def train_seed(config: DemoConfig, stages: dict[str, dict[str, Any]], data: dict[str, str], folder: Path,
+               seed: int, examples: ExampleSet) -> dict[str, str]:
+    """All models of one seed; returns run name -> model directory. Finished stages are skipped."""
+    base = folder / "init"
+    if not (base / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tiny_model(str(base), examples.all_texts(), hidden_size=config.hidden_size, layers=config.layers,
+                        heads=config.heads, kv_heads=config.kv_heads, intermediate_size=config.intermediate_size, seed=seed)
+    common = {"seed": seed, "device": config.device, "resume": True}
+    pretrained = _sft(stages["pretrain"], common, base, folder / "pretrain", data=[data["pretrain"]])
+    stl = {"data": [data["sft-general"]], "safety_data": [data["sft-safety"]]}
+    models = {"base": pretrained, "stl": _sft(stages["sft"], common, pretrained, folder / "stl", **stl),
+              "stl-aug": _sft(stages["sft"], common, pretrained, folder / "stl-aug", aug_data=[data["sft-aug"]], **stl)}
+    dcr_out = folder / "dcr"
+    if not _finished(dcr_out):
+        run_dcr(config_from_dict(DCRConfig, {**stages["dcr"], **common, "model": pretrained, "out": str(dcr_out),
+                                             "layer": config.dcr_layer, "seemingly_toxic": [data["dcr-seemingly-toxic"]],
+                                             "toxic": [data["dcr-toxic"]]}))
+    models["dcr"] = str(dcr_out / "model")
+    models["dcr+stl"] = _sft(stages["sft"], common, models["dcr"], folder / "dcr+stl", **stl)
+    return models
+
+
+def _sft(fields: dict[str, Any], common: dict[str, Any], model: str | Path, out: Path, **data: list[str]) -> str:
+    if not _finished(out):
+        run_sft(config_from_dict(SFTConfig, {**fields, **common, "model": str(model), "out": str(out), **data}))
+    return str(out / "model")
+
+
+def _finished(out: Path) -> bool:
+    summary = out / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("finished", False)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def evaluate_cached(model_dir: str, examples: ExampleSet, config: DemoConfig, path: Path) -> dict[str, Any]:
+    """``evaluate_toy`` once per model; the result is kept at ``path`` for resumed demos."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = evaluate_toy(model_dir, examples, config)
+    atomic_write_json(result, str(path))
+    return result
+
+
+@torch.no_grad()
+def evaluate_toy(model_dir: str, examples: ExampleSet, config: DemoConfig) -> dict[str, Any]:
+    """Compliance / defense success / refusal probability on every held-out benchmark."""
+    from dcr_fast.evaluation import GenerationConfig, generate, is_refusal, refusal_probability
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", attn_implementation="sdpa",
+                                                device=torch.device(config.device))
+    model.eval()
+    openings = sorted({r.split()[0] for r in examples.refusals})
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=64, progress=False)
+    result: dict[str, Any] = {"compliance": {}, "defense_success": {}, "normal_compliance": {}, "refusal_probability": {},
+                              "samples": {}}
+    for benchmark in HELDOUT_BENCHMARKS:
+        result["refusal_probability"][benchmark] = {}
+        for kind in KINDS:
+            prompts = [p.text for p in examples.heldout_prompts(kind, benchmark)]
+            prompts = random.Random(0).sample(prompts, min(len(prompts), config.eval_prompts))
+            answers = generate(model, tokenizer, prompts, generation)
+            refused = sum(map(is_refusal, answers)) / len(answers)
+            key = {"toxic": "defense_success", "seemingly_toxic": "compliance", "normal": "normal_compliance"}[kind]
+            result[key][benchmark] = refused if kind == "toxic" else 1.0 - refused
+            p_refuse = refusal_probability(model, tokenizer, prompts, openings, batch_size=64, progress=False)
+            result["refusal_probability"][benchmark][kind] = float(p_refuse.mean())
+            result["samples"][f"{benchmark}/{kind}"] = [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:3]]
+    result["defense_success_mean"] = statistics.fmean(result["defense_success"].values())
+    return result
+
+
+def entk_before_after(before: Path, after: Path, examples: ExampleSet, config: DemoConfig) -> dict[str, Any]:
+    """Mean normalized eNTK similarity per (x' group, x group), before and after DCR.
+
+    θ_S is the tail DCR leaves frozen (decoder layers above ``dcr_layer``, plus lm_head): DCR
+    changes only the features that tail receives, which is the paper's mechanism.
+    """
+    from dcr_fast.ntk import entk_block
+
+    rng = random.Random(0)
+    groups = {kind: [p.text for p in rng.sample(examples.train_prompts(kind), config.entk_prompts)] for kind in KINDS}
+    result = {"tail_layers": config.layers - config.dcr_layer, "include_lm_head": True, "k": config.entk_k,
+              "prompts_per_group": config.entk_prompts, "groups": list(KINDS)}
+    for label, model_dir in (("before", before), ("after", after)):
+        model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype="float32", attn_implementation="eager",
+                                                    device=torch.device(config.device))
+        means = {}
+        for a in KINDS:
+            for b in KINDS:
+                values = [entk_block(model, xp, x, k=config.entk_k, tail_layers=result["tail_layers"], tokenizer=tokenizer).normalized
+                          for xp in groups[a] for x in groups[b] if xp != x]
+                means[f"{a}|{b}"] = statistics.fmean(values)
+        result[label] = means
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+LIMITS = """\
+What this demo can show: on a toy world where toxic and seemingly toxic requests share their
+trigger verbs, whether a Circle-loss stage at a middle layer, run before the same LoRA safety
+SFT, changes how far the SFT's refusals spread to held-out seemingly toxic prompts (unseen
+objects and unseen phrasings), while toxic prompts with unseen persons stay refused; and how
+the tail's eNTK similarity between the groups moves. STL-aug is the fair control: it sees the
+seemingly toxic training prompts (with answers) just as DCR sees them (without answers).
+
+What it cannot show: anything about real LLMs, real benchmarks (XSTest, OR-Bench, ...) or
+general capability. The model has ~0.7M parameters, a vocabulary of about a thousand BPE
+tokens trained on this set, and answers that are only judged by their opening words; the
+"toxic" prompts are harmless templates. Seeds differ in initialisation and data order only;
+the spread over a few seeds is a rough guide, not a confidence interval."""
+
+
+def build_report(evaluations: dict[str, list[dict[str, Any]]], entk: dict[str, Any] | None, config: DemoConfig,
+                 stages: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """Mean ± std over seeds of every rate, in the layout of ``dcr_fast.evaluation.report``."""
+    runs = {}
+    for name, per_seed in evaluations.items():
+        run: dict[str, Any] = {"judge": "XSTest string-match rule on the greedy opening (refusal filter)",
+                               "seeds": config.seeds}
+        for key in ("compliance", "defense_success", "normal_compliance"):
+            run[key] = {b: _spread([e[key][b] for e in per_seed]) for b in HELDOUT_BENCHMARKS}
+        run["defense_success_mean"] = _spread([e["defense_success_mean"] for e in per_seed])
+        run["refusal_probability"] = {b: {k: statistics.fmean(e["refusal_probability"][b][k] for e in per_seed) for k in KINDS}
+                                      for b in HELDOUT_BENCHMARKS}
+        run["per_seed"] = [{k: e[k] for k in ("compliance", "defense_success", "normal_compliance")} for e in per_seed]
+        run["samples"] = per_seed[0]["samples"]
+        runs[name] = run
+    return {"runs": runs, "entk": entk, "settings": {"demo": config_to_dict(config), **stages},
+            "wall_s": wall_s, "device": config.device, "torch": torch.__version__, "limits": LIMITS}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def write_demo_report(report: dict[str, Any], out: Path) -> None:
+    """``report.json``, ``report.md`` and ``figures/*.png``, each written atomically."""
+    from dcr_fast.evaluation.report import atomic_write_text, plot_rates, report_markdown, save_figure
+
+    figures = {}
+    for key in ("compliance", "defense_success"):
+        path = plot_rates(report["runs"], key, out / "figures" / f"{key}.png")
+        figures[key] = str(path.relative_to(out))
+    if report["entk"]:
+        figures["entk"] = str(plot_entk(report["entk"], out / "figures" / "entk.png", save_figure).relative_to(out))
+    report["figures"] = figures
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    notes = [f"Wall time: {report['wall_s'] / 60:.1f} min on {report['device']} (torch {report['torch']}).", ""]
+    notes += ["Benchmarks hold out of every alignment stage: `heldout-targets` unseen objects/persons with "
+              "training templates, `heldout-templates` unseen phrasings with training targets, `heldout-both` both.", ""]
+    notes += ["Answer opening compliance on held-out *normal* prompts (should stay high):", ""]
+    notes += [f"- {name}: " + ", ".join(f"{b} {r['mean']:.2f} ± {r['std']:.2f}" for b, r in run["normal_compliance"].items())
+              for name, run in report["runs"].items()]
+    if report["entk"]:
+        entk = report["entk"]
+        notes += ["", f"eNTK (normalized ‖K(x',x)[So,Su]‖ / ‖K(x',x')[So,So]‖, tail = last {entk['tail_layers']} "
+                  "layers + lm_head), mean per group pair, before → after DCR:", ""]
+        notes += [f"- {pair}: {entk['before'][pair]:.3f} → {entk['after'][pair]:.3f}" for pair in entk["before"]]
+    notes += ["", "## What the demo can and cannot show", "", report["limits"]]
+    markdown = report_markdown(report, "\n".join(notes)).replace("# Evaluation report", "# dcr-fast demo report", 1)
+    atomic_write_text(out / "report.md", markdown)
+
+
+def plot_entk(entk: dict[str, Any], path: Path, save_figure) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = entk["groups"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    top = max(max(entk[s].values()) for s in ("before", "after"))
+    for ax, label in zip(axes, ("before", "after")):
+        grid = [[entk[label][f"{a}|{b}"] for b in groups] for a in groups]
+        image = ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")
+        ax.set_xticks(range(len(groups)), groups, rotation=20)
+        ax.set_yticks(range(len(groups)), groups)
+        ax.set_title(f"{label} DCR")
+        for i in range(len(groups)):
+            for j in range(len(groups)):
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="STL vs STL-aug vs DCR+STL on a tiny model (CPU, minutes)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="full: the README demo (~15 min on 2 cores); ci: a small setting that runs every stage in minutes")
+    add_config_arguments(parser, DemoConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setting = resolve_config_path(args.config or PRESETS[args.preset])
+    if not args.config:
+        args.config = setting
+    config = config_from_args(DemoConfig, args, section="demo")
+    stages = {name: load_yaml(setting, name) for name in ("pretrain", "sft", "dcr")}
+    report = run_demo(config, stages)
+    print(Path(config.out, "report.md").read_text())
+    print(f"demo: wrote {config.out}/report.json, report.md and figures in {report['wall_s'] / 60:.1f} min")
+    return 0
