@@ -62,14 +62,20 @@ ProbeLinearPrologue probe_linear_prologue(const at::Tensor& x, const at::Tensor&
 
   const auto acc_type = at::toOpMathType(x.scalar_type());
   ProbeLinearPrologue out;
-  const at::Tensor x2 = x.reshape({P * M, K});
-  out.y = (bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t())).view({P, M, N});
-  // Grouping the directions as [P / F, F] lets one broadcast GEMM serve every block without
-  // repeating a; u is small (M x T per direction), so it is kept in the accumulation type.
+  // The bias is added by the update kernel, saving the pass addmm spends copying it into y.
+  out.y = at::mm(x.reshape({P * M, K}), weight.t()).view({P, M, N});
+  if (bias.has_value()) out.bias = bias->contiguous();
+  // Directions come as R = P / F blocks of the F factor pairs: one batched GEMM per block
+  // reads a without repeating it. u is small (M x T per direction): kept in the op-math type.
   const int64_t R = F > 0 ? P / F : 0;
-  out.u = at::matmul(x.to(acc_type).reshape({R, F, M, K}), a.to(acc_type).transpose(1, 2))
-              .reshape({P, M, T})
-              .contiguous();
+  const at::Tensor x_acc = x.to(acc_type).reshape({R, F, M, K});
+  const at::Tensor a_t = a.to(acc_type).transpose(1, 2);
+  out.u = at::empty({R, F, M, T}, x.options().dtype(acc_type));
+  for (int64_t r = 0; r < R; ++r) {
+    at::Tensor u_r = out.u.select(0, r);
+    at::bmm_out(u_r, x_acc.select(0, r), a_t);
+  }
+  out.u = out.u.view({P, M, T});
   out.d = d.contiguous();
   if (d_bias.has_value()) out.d_bias = d_bias->contiguous();
   out.scale = scale.to(acc_type).contiguous();
@@ -99,6 +105,7 @@ struct UpdateArgs {
   scalar_t* y;
   const acc_t* u;
   const scalar_t* d;
+  const scalar_t* bias;    // nullptr when absent
   const scalar_t* d_bias;  // nullptr when absent
   const acc_t* scale;
   int64_t M, N, F, T, row_tiles;
@@ -133,8 +140,9 @@ DCR_FAST_CPU_CLONES void update_tiles(const UpdateArgs<scalar_t>& g, int64_t beg
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t* y_row = g.y + (p * M + m0 + r) * N + j0;
         for (int64_t j = 0; j < cols; ++j) {
+          const acc_t b = g.bias ? static_cast<acc_t>(g.bias[j0 + j]) : acc_t(0);
           const acc_t db = g.d_bias ? static_cast<acc_t>(g.d_bias[f * N + j0 + j]) : acc_t(0);
-          y_row[j] = static_cast<scalar_t>(static_cast<acc_t>(y_row[j]) + s * (acc[r][j] + db));
+          y_row[j] = static_cast<scalar_t>(static_cast<acc_t>(y_row[j]) + b + s * (acc[r][j] + db));
         }
       }
     }
@@ -149,6 +157,7 @@ void probe_linear_update_cpu(ProbeLinearPrologue& pr) {
   const UpdateArgs<scalar_t> args{pr.y.data_ptr<scalar_t>(),
                                   pr.u.data_ptr<acc_t>(),
                                   pr.d.data_ptr<scalar_t>(),
+                                  pr.bias.defined() ? pr.bias.data_ptr<scalar_t>() : nullptr,
                                   pr.d_bias.defined() ? pr.d_bias.data_ptr<scalar_t>() : nullptr,
                                   pr.scale.data_ptr<acc_t>(),
                                   M,

@@ -1,4 +1,4 @@
-// probe_linear: the CUDA kernel of the fused update y += scale * (u D + d_bias).
+// probe_linear: the CUDA kernel of the fused update y += b + scale * (u D + d_bias).
 // Shapes and maths: probe_linear.h; the prologue (checks, cuBLAS GEMMs through ATen) is shared
 // with the CPU path in probe_linear.cpp. Only headers that compile against a CPU torch wheel are
 // used (no ATen/cuda/CUDAContext.h), so .ci/check_cuda.sh can compile-check this file anywhere.
@@ -22,7 +22,8 @@ constexpr int kTChunk = 32;  // rank slice of u staged in shared memory at a tim
 // while the u values of those rows are shared by all columns through shared memory.
 template <typename scalar_t, typename acc_t>
 __global__ void probe_linear_update_kernel(scalar_t* __restrict__ y, const acc_t* __restrict__ u,
-                                           const scalar_t* __restrict__ d, const scalar_t* __restrict__ d_bias,
+                                           const scalar_t* __restrict__ d, const scalar_t* __restrict__ bias,
+                                           const scalar_t* __restrict__ d_bias,
                                            const acc_t* __restrict__ scale, int64_t M, int64_t N, int64_t T,
                                            int64_t F) {
   __shared__ acc_t u_tile[kRows][kTChunk];
@@ -55,11 +56,12 @@ __global__ void probe_linear_update_kernel(scalar_t* __restrict__ y, const acc_t
     __syncthreads();
   }
   if (!active) return;
+  const acc_t b = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
   const acc_t db = d_bias ? static_cast<acc_t>(d_bias[f * N + j]) : acc_t(0);
   const acc_t s = scale[p];
   for (int r = 0; r < rows; ++r) {
     const int64_t idx = ((p * M) + m0 + r) * N + j;
-    y[idx] = static_cast<scalar_t>(static_cast<acc_t>(y[idx]) + s * (acc[r] + db));
+    y[idx] = static_cast<scalar_t>(static_cast<acc_t>(y[idx]) + b + s * (acc[r] + db));
   }
 }
 
@@ -81,6 +83,7 @@ at::Tensor probe_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
     using acc_t = at::opmath_type<scalar_t>;
     probe_linear_update_kernel<scalar_t, acc_t><<<grid, kCols, 0, stream>>>(
         pr.y.data_ptr<scalar_t>(), pr.u.data_ptr<acc_t>(), pr.d.data_ptr<scalar_t>(),
+        pr.bias.defined() ? pr.bias.data_ptr<scalar_t>() : nullptr,
         pr.d_bias.defined() ? pr.d_bias.data_ptr<scalar_t>() : nullptr, pr.scale.data_ptr<acc_t>(), M, N, T, F);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -14,10 +14,11 @@
 // one A and D. The perturbation Delta_f is never formed: the cost per direction is
 // M*T*(d_in + d_out) on top of the shared product x W^T.
 //
-// Both device kernels share the prologue below (checks, the base product and the projection
-// u = x A^T, which are ATen GEMMs) and differ only in the fused update
-// y += scale * (u D + d_bias). The update and u accumulate in the op-math type
-// (float for half/bfloat16); y is rounded once.
+// Both device kernels share the prologue below (checks, the base product x W^T and the
+// projection u = x A^T, which are ATen GEMMs) and differ only in the fused update
+// y += b + scale * (u D + d_bias). The update and u accumulate in the op-math type
+// (float for half/bfloat16); the output is rounded to x's dtype after x W^T and once more
+// after the update.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,7 +26,8 @@
 namespace dcr_fast {
 
 struct ProbeLinearPrologue {
-  at::Tensor y;       // [P, M, d_out], x W^T + b, dtype of x, contiguous
+  at::Tensor y;       // [P, M, d_out], x W^T (no bias yet), dtype of x, contiguous
+  at::Tensor bias;    // [d_out] contiguous, or undefined
   at::Tensor u;       // [P, M, T], x A^T in the op-math type, contiguous
   at::Tensor d;       // [F, T, d_out] contiguous
   at::Tensor d_bias;  // [F, d_out] contiguous, or undefined

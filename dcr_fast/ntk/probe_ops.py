@@ -16,8 +16,9 @@ different lengths are zero-padded along T, which leaves the product unchanged.
 Layers: :func:`probe_linear_reference` (pure PyTorch, the definition) and
 ``torch.ops.dcr_fast.probe_linear`` (csrc/probe_linear.{cpp,cu}: C++ CPU and CUDA kernels that
 fuse the low-rank update into the output of one shared GEMM) meet in :func:`probe_linear`,
-which falls back to the reference when the extension is not built. Both accumulate the update
-in float32 (float64 for float64 inputs) and round the output once.
+which falls back to the reference when the extension is not built. Both round x Wᵀ to x's
+dtype (a GEMM in that dtype), then add the bias and the update accumulated in float32
+(float64 for float64 inputs) and round once more.
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ def probe_linear_reference(
     """The definition of :func:`probe_linear` in plain PyTorch (same rounding points as the kernels)."""
     acc = accumulation_dtype(x.dtype)
     (p, m, d_in), (f, _, d_out) = x.shape, d.shape
-    base = torch.nn.functional.linear(x, weight, bias)
+    base = torch.nn.functional.linear(x, weight).to(acc)
+    if bias is not None:
+        base = base + bias.to(acc)
     u = x.to(acc).reshape(p // f, f, m, d_in) @ a.to(acc).transpose(1, 2)
     update = u @ d.to(acc)
     if d_bias is not None:
         update = update + d_bias.to(acc)[None, :, None, :]
     update = update.reshape(p, m, d_out) * scale.to(acc)[:, None, None]
-    return (base.to(acc) + update).to(x.dtype)
+    return (base + update).to(x.dtype)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
