@@ -27,6 +27,15 @@ LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Two OpenMP threads on a busy 2-core machine stall ~50 ms per parallel op; one does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(B: int, d: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(B * 7919 + d)
     x = torch.randn(B, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
