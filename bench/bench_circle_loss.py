@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -213,8 +214,8 @@ def loss_function(impl: str, config: CircleBenchConfig, device: torch.device) ->
     if impl in ("triton", "torch", "chunked", "compile"):
         import dcr_fast
 
-        if impl == "triton" and device.type != "cuda":
-            return "the fused kernels are timed on CUDA only (the CPU interpreter is for tests)"
+        if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "the fused kernels are timed on CUDA only (TRITON_INTERPRET=1 runs them on the CPU, for tests)"
         fn = functools.partial(dcr_fast.circle_loss, backend="torch" if impl == "compile" else impl, **kwargs)
         if impl == "compile":
             torch._dynamo.reset()  # a fresh cache per case: no recompilation limit, no stale graphs

@@ -13,6 +13,10 @@ GPU cases are marked ``gpu`` and skip without CUDA.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +133,19 @@ def test_run_writes_rows_with_errors_and_ratios(tmp_path) -> None:
             assert r.metrics["grad_rel_err"] < 1e-5 and r.metrics["loss_rel_err"] < 1e-6
     bcl.run(config)  # a second run is appended beside the first
     assert len(json.loads(path.read_text())["runs"]) == 2
+
+
+def test_triton_rows_under_the_interpreter(tmp_path) -> None:
+    """The fused path's plumbing (timing, errors, ratios) checked on the CPU before a GPU session."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "bench.bench_circle_loss", "--batch-sizes", "40", "--dims", "24", "--threads", "1",
+           "--impls", "matmul", "triton", "torch", "--budget-s", "0.01", "--results-dir", str(tmp_path)]
+    subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True)
+    (path,) = tmp_path.glob("circle_loss-*.json")
+    triton_rows = [row for _, row in rows_of(load_results(path)) if row.impl == "triton"]
+    assert [r.mode for r in triton_rows] == ["fwd", "fwd+bwd"]
+    for r in triton_rows:
+        assert r.ok and r.metrics["grad_rel_err"] < 1e-4 and "speedup_vs_torch" in r.metrics, r
 
 
 def test_oom_is_recorded_and_larger_batches_skipped(tmp_path, monkeypatch) -> None:
