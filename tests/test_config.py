@@ -79,8 +79,10 @@ def test_bad_values_name_the_field(values, message):
 
 
 def test_missing_or_malformed_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="neither a file nor a shipped config"):
         parse(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_yaml(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must hold a mapping"):

@@ -41,8 +41,8 @@ def data_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def config(model: str, out, data: str, **overrides) -> SFTConfig:
-    fields = dict(model=model, out=str(out), data=[data], epochs=2, lr=3e-3, micro_batch_size=3, grad_accum=2,
+def config(base: str, out, data: str, **overrides) -> SFTConfig:
+    fields = dict(model=base, out=str(out), data=[data], epochs=2, lr=3e-3, micro_batch_size=3, grad_accum=2,
                   device="cpu", attn_implementation="sdpa", save_every=2)
     return SFTConfig(**{**fields, **overrides})
 

@@ -196,9 +196,15 @@ def plan_batches(n_seemingly: int, n_toxic: int, config: DCRConfig) -> list[list
     sizes = (n_seemingly, n_toxic)
 
     def draw(subset: int, count: int) -> list[int]:
-        while len(streams[subset]) < count:
-            streams[subset] += torch.randperm(sizes[subset], generator=generator).tolist()
-        taken, streams[subset] = streams[subset][:count], streams[subset][count:]
+        taken = streams[subset][:count]
+        while len(taken) < count:
+            # A fresh permutation puts what this batch already holds last, so a prompt repeats
+            # within a batch only when its subset is smaller than the batch's share of it.
+            fresh = torch.randperm(sizes[subset], generator=generator).tolist()
+            fresh = [i for i in fresh if i not in taken] + [i for i in fresh if i in taken]
+            streams[subset] = taken + fresh
+            taken = streams[subset][:count]
+        streams[subset] = streams[subset][count:]
         return taken
 
     steps = math.ceil(config.epochs * math.ceil((n_seemingly + n_toxic) / config.batch_size))
@@ -208,8 +214,11 @@ def plan_batches(n_seemingly: int, n_toxic: int, config: DCRConfig) -> list[list
 def _attach_lora(model, config: DCRConfig):
     from peft import LoraConfig, get_peft_model
 
+    # peft restricts layers only for named targets, so name every linear of a decoder layer.
+    linears = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_decoder().layers.named_modules()
+                      if isinstance(module, torch.nn.Linear)})
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="all-linear", layers_to_transform=list(range(config.layer)), task_type="CAUSAL_LM")
+                      target_modules=linears, layers_to_transform=list(range(config.layer)), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
