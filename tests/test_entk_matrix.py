@@ -53,9 +53,9 @@ def test_chunking_does_not_change_numbers(model, tokenizer, exact, chunk_size):
 
 
 def test_finite_difference_methods_agree_with_exact(model, tokenizer, exact):
-    groups = {"a": GROUPS["toxic"], "b": GROUPS["normal"][:1]}
+    groups = {"a": GROUPS["toxic"][:1], "b": GROUPS["normal"][:1]}
     reference = entk_matrix(model, tokenizer, groups, method="fd-reference", **SETTINGS)
-    sub = [0, 1, 5]
+    sub = [0, 5]
     np.testing.assert_allclose(reference.normalized, exact.normalized[np.ix_(sub, sub)], rtol=5e-3)
     fd = entk_matrix(model, tokenizer, groups, method="fd", **SETTINGS)
     np.testing.assert_allclose(fd.normalized, reference.normalized, rtol=1e-6)

@@ -65,6 +65,26 @@ class ProbeFeatures:
         )
 
 
+def exact_block(
+    model: nn.Module, spec: TailSpec, x_prime: torch.Tensor, x: torch.Tensor, *, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K, K_self, So, Su) for one pair: both prompts in one padded batch, one Gram."""
+    _, tokens, features = prompt_probes(model, spec, [x_prime, x], k=k)
+    gram = probe_gram(features.select(slice(0, 1)), features)[0]
+    return gram[1], gram[0], tokens[0], tokens[1]
+
+
+def prompt_probes(
+    model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], *, k: int
+) -> tuple[PrefixCache, torch.Tensor, ProbeFeatures]:
+    """A batch of prompts' prefix cache, top-k tokens (n, k) and probe features."""
+    ids, mask = pad_prompts(prompts)
+    cache = run_prefix(model, ids, mask, spec=spec)
+    with torch.no_grad():
+        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
+    return cache, tokens, probe_features(model, spec, cache, tokens)
+
+
 def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens: torch.Tensor) -> ProbeFeatures:
     """Record a_t, δ_t, norm gradients and h for each prompt of ``cache`` and each token in ``tokens``."""
     n, k = tokens.shape
@@ -93,9 +113,9 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
             hidden = copies.hidden.detach().requires_grad_(True)
             z = tail_logits(model, spec, PrefixCache(hidden, copies.layer_kwargs, copies.last_index), params)
             picked = z.gather(1, tokens.reshape(-1, 1)).sum()
-            grads = torch.autograd.grad(picked, list(norm_params.values())) if norm_params else ()
-            if not norm_params:
-                picked.backward(inputs=[hidden])
+            # Differentiating w.r.t. the tail's input as well makes every tail linear's
+            # cotangent hook fire even when θ_S has no norm weights.
+            grads = torch.autograd.grad(picked, [hidden, *norm_params.values()])[1:]
     finally:
         for handle in handles:
             handle.remove()
@@ -194,16 +214,3 @@ def _drop_zero_rows(a: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor)
     d_index = order[:, None, :, None].expand(-1, k, -1, delta.shape[3])
     d_kept = delta.gather(2, d_index) * keep[:, None, :, None]
     return LinearFeatures(a_kept, d_kept)
-
-
-def exact_block(
-    model: nn.Module, spec: TailSpec, x_prime: torch.Tensor, x: torch.Tensor, *, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(K, K_self, So, Su) for one pair: both prompts in one padded batch, one Gram."""
-    ids, mask = pad_prompts([x_prime, x])
-    cache = run_prefix(model, ids, mask, spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
-    features = probe_features(model, spec, cache, tokens)
-    gram = probe_gram(features.select(slice(0, 1)), features)[0]
-    return gram[1], gram[0], tokens[0], tokens[1]

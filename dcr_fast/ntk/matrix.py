@@ -31,9 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcr_fast.ntk.block import check_options, encode, fd_module
-from dcr_fast.ntk.exact import ProbeFeatures, probe_features, probe_gram
+from dcr_fast.ntk.exact import probe_gram, prompt_probes
 from dcr_fast.ntk.reference import fd_reference_kernel, top_tokens
-from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_spec
+from dcr_fast.ntk.tail import TailSpec, tail_spec
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class _FeatureEngine:
     def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
         self.chunk_size = config.chunk_size
         self.chunks = [
-            _chunk_features(model, spec, prompts[start : start + config.chunk_size], config.k)
+            prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
             for start in range(0, len(prompts), config.chunk_size)
         ]
         self.symmetric = config.method == "exact"
@@ -232,17 +232,6 @@ class _ReferenceEngine:
 
     def record(self, rows: range, normalized: np.ndarray) -> None:
         """Pairs are independent here: a chunk read back from disk offers nothing to reuse."""
-
-
-def _chunk_features(
-    model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], k: int
-) -> tuple[PrefixCache, torch.Tensor, ProbeFeatures]:
-    """(prefix cache, top-k tokens, probe features) of a chunk of prompts."""
-    ids, mask = pad_prompts(prompts)
-    cache = run_prefix(model, ids, mask, spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
-    return cache, tokens, probe_features(model, spec, cache, tokens)
 
 
 def _pair_norms(gram: torch.Tensor) -> torch.Tensor:
