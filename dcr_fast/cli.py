@@ -11,6 +11,11 @@ import importlib
 import sys
 
 _SUBCOMMANDS = (
+    "dcr_fast.demo.run",
+    "dcr_fast.train.dcr",
+    "dcr_fast.train.sft",
+    "dcr_fast.evaluation.cli",
+    "dcr_fast.ntk.cli",
     "dcr_fast.bench_cli",
 )
 
