@@ -54,7 +54,14 @@ def test_matches_reference(tokenizer, architecture, dtype, attention, batch_size
     assert_close(fast, reference, rtol=rtol, atol=atol, what=f"log P(candidate | prompt) {architecture} {dtype} {attention}")
 
 
-@pytest.mark.parametrize("candidates", [("No.",), ("I", "No, I cannot", "It is illegal")], ids=["one-token", "mixed"])
+ODD_SETS = {
+    "one-token": ("No.",),
+    # shared openings, one candidate a prefix of others, a repeat, a single token
+    "tree": ("I cannot fulfill your request", "I", "I cannot", "I cannot fulfill this request", "No.", "I cannot"),
+}
+
+
+@pytest.mark.parametrize("candidates", list(ODD_SETS.values()), ids=list(ODD_SETS))
 def test_odd_candidate_sets_and_system_prompt(tokenizer, candidates):
     model = tiny_model(tokenizer, dtype=torch.float64, attn_implementation="sdpa")
     kwargs = dict(system_prompt="Be kind", progress=False)
