@@ -6,7 +6,7 @@ over the parameters of θ_S of three kinds of terms:
 * a linear layer y_t = W a_t (+ b): ∇_W z_j = Σ_t δ_{j,t} a_tᵀ has rank ≤ T, so
   ⟨∇_W z_j(x_p), ∇_W z_i(x_q)⟩ = Σ_{t,s} (δ_{j,t}·δ'_{i,s}) (a_t·a'_s): two small Grams
   multiplied elementwise ("ghost"), or, when prompts are long, the per-probe gradients
-  materialized (rule: materialize when R·R' > d_in·d_out/(d_in+d_out), R the rows kept);
+  materialized (by a multiply-add count, :func:`materialize_rule`; R = the rows kept);
   the bias contributes (Σ_t δ_{j,t})·(Σ_s δ'_{i,s});
 * the RMSNorm weights inside the tail: small, their per-probe gradients are materialized;
 * the output projection (lm_head), in closed form: z = W h gives
@@ -151,22 +151,33 @@ def probe_gram(left: ProbeFeatures, right: ProbeFeatures) -> torch.Tensor:
     return K
 
 
-def materialize_rule(rows_left: int, rows_right: int, d_in: int, d_out: int) -> bool:
-    """True when per-probe weight gradients are cheaper than the ghost product (DESIGN §3)."""
-    return rows_left * rows_right > d_in * d_out / (d_in + d_out)
+def materialize_rule(left: tuple[int, int, int], right: tuple[int, int, int], d_in: int, d_out: int) -> bool:
+    """True when per-probe weight gradients cost fewer multiply-adds than the ghost product.
+
+    ``left``/``right`` are (prompts n, probes k, rows R) of the two sides. Ghost: the probe
+    Gram of δ, n n' (k R)(k' R') d_out, plus the shared Gram of a, n n' R R' d_in. Materialized:
+    building the gradients, (n k R + n' k' R') d_in d_out, then their Gram, n k n' k' d_in d_out.
+    This is DESIGN §3's ghost-clipping switch (one probe, one pair) generalized to k probes
+    per prompt and chunks of prompts.
+    """
+    (n_l, k_l, r_l), (n_r, k_r, r_r) = left, right
+    ghost = n_l * n_r * r_l * r_r * (k_l * k_r * d_out + d_in)
+    materialized = (n_l * k_l * r_l + n_r * k_r * r_r + n_l * k_l * n_r * k_r) * d_in * d_out
+    return materialized < ghost
 
 
 def _linear_gram(left: LinearFeatures, right: LinearFeatures) -> torch.Tensor:
     n_l, k_l, r_l, d_out = left.delta.shape
     n_r, k_r, r_r, _ = right.delta.shape
     d_in = left.a.shape[-1]
-    if materialize_rule(r_l, r_r, d_in, d_out):
+    if materialize_rule((n_l, k_l, r_l), (n_r, k_r, r_r), d_in, d_out):
         g_l = torch.einsum("pjto,pti->pjoi", left.delta, left.a).reshape(n_l * k_l, -1)
         g_r = torch.einsum("pjto,pti->pjoi", right.delta, right.a).reshape(n_r * k_r, -1)
         return (g_l @ g_r.T).reshape(n_l, k_l, n_r, k_r).permute(0, 2, 1, 3)
-    dd = (left.delta.reshape(-1, d_out) @ right.delta.reshape(-1, d_out).T).reshape(n_l, k_l, r_l, n_r, k_r, r_r)
-    aa = (left.a.reshape(-1, d_in) @ right.a.reshape(-1, d_in).T).reshape(n_l, r_l, n_r, r_r)
-    return torch.einsum("pjtqis,ptqs->pqji", dd, aa)
+    dd = (left.delta.reshape(-1, d_out) @ right.delta.reshape(-1, d_out).T).view(n_l, k_l, r_l, n_r, k_r, r_r)
+    aa = (left.a.reshape(-1, d_in) @ right.a.reshape(-1, d_in).T).view(n_l, 1, r_l, n_r, 1, r_r)
+    # In place and reduced over (t, s) where it lies: no permuted copy of the large δ Gram.
+    return dd.mul_(aa).sum(dim=(2, 5)).permute(0, 2, 1, 3)
 
 
 def _tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear], list[str]]:
