@@ -206,3 +206,14 @@ def test_cli_flags_mirror_the_config() -> None:
 
 def _ms(rows: list[Row], impl: str, mode: str) -> float:
     return next(r.ms_median for r in rows if r.impl == impl and r.mode == mode)
+
+
+def test_cli_passes_other_benches_their_own_flags() -> None:
+    from dcr_fast.cli import build_parser
+
+    others = sorted(p.stem for p in Path(bcl.__file__).parent.glob("bench_*.py") if p.stem != "bench_circle_loss")
+    if not others:
+        pytest.skip("no other bench scripts in this checkout")
+    name = others[0].removeprefix("bench_").replace("_", "-")
+    args = build_parser().parse_args(["bench", name, "--help", "--device", "cuda"])
+    assert args.argv == ["--help", "--device", "cuda"] and callable(args.func)

@@ -3,6 +3,8 @@
 ``dcr-fast bench circle-loss --quick`` times the Circle loss on the CPU in about a minute;
 ``--device cuda --preset targets`` measures the GPU targets. Every flag mirrors a field of
 ``bench.bench_circle_loss.CircleBenchConfig``; results go to ``bench/results/`` as JSON.
+Every other ``bench/bench_<name>.py`` is ``dcr-fast bench <name> [its flags]``
+(underscores as hyphens), its arguments passed through to its ``main``.
 
 The benchmarks live in the repository's ``bench/`` directory, beside the package, not in the
 installed package: this command finds them in an editable install or a clone and says so
@@ -30,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
         add_config_arguments(circle, module.CircleBenchConfig)
     circle.set_defaults(func=run_circle_loss)
+    for path in sorted((REPO_ROOT / "bench").glob("bench_*.py")):
+        if path.stem == "bench_circle_loss":
+            continue
+        # No option prefix of its own: every word, --help too, is passed to the script's main().
+        other = benches.add_parser(path.stem.removeprefix("bench_").replace("_", "-"), add_help=False,
+                                   prefix_chars="\0", help=f"python -m bench.{path.stem} (its own flags)")
+        other.add_argument("argv", nargs="*")
+        other.set_defaults(func=lambda args, name=path.stem: _bench_module(name).main(args.argv))
 
 
 def run_circle_loss(args: argparse.Namespace) -> int:
