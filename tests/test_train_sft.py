@@ -11,7 +11,7 @@ import torch
 
 from dcr_fast.demo.tiny import save_tiny_model
 from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer
-from dcr_fast.train.sft import Example, SFTConfig, plan_steps, register, run_sft, sft_loss_sum, tokenize_example
+from dcr_fast.train.sft import SFTConfig, plan_steps, register, run_sft, sft_loss_sum, tokenize_example
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 

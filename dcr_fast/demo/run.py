@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import statistics
 import time
@@ -35,7 +34,14 @@ from typing import Any
 
 import torch
 
-from dcr_fast.config import add_config_arguments, config_from_args, config_from_dict, config_to_dict, load_yaml, resolve_config_path
+from dcr_fast.config import (
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    config_to_dict,
+    load_yaml,
+    resolve_config_path,
+)
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
 from dcr_fast.demo.tiny import save_tiny_model
 from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer

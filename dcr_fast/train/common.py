@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dcr_fast.config import config_to_dict, save_yaml
+from dcr_fast.config import add_config_arguments, config_from_args, config_to_dict, save_yaml
 
 IGNORE_INDEX = -100
 
@@ -429,6 +429,31 @@ def _truncate_log(path: str, step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.writelines(kept)
     os.replace(tmp, path)
+
+
+def check_model_and_out(config: Any) -> None:
+    """The two fields every stage needs, checked before anything is loaded."""
+    if not config.model:
+        raise ValueError("model: required (a local model directory or hub id)")
+    if not config.out:
+        raise ValueError("out: required (the output directory)")
+
+
+def register_stage(subparsers, name: str, *, help: str, description: str, config_cls: type,
+                   runner: Callable[[Any], dict[str, Any]]) -> None:
+    """Add sub-command ``name``: flags from ``config_cls``, YAML section ``name``, a printed summary."""
+    import argparse
+
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, config_cls)
+
+    def run(args: argparse.Namespace) -> int:
+        summary = runner(config_from_args(config_cls, args, section=name))
+        print_summary(name, {k: v for k, v in summary.items() if k != "config"})
+        return 0
+
+    parser.set_defaults(func=run)
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:

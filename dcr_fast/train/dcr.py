@@ -22,7 +22,6 @@ prompts of the same subset together and pushes seemingly toxic and toxic prompts
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -30,17 +29,18 @@ from typing import Any
 
 import torch
 
-from dcr_fast.config import add_config_arguments, config_from_args, config_to_dict
+from dcr_fast.config import config_to_dict
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.train.common import (
     IGNORE_INDEX,
     StepResult,
     atomic_write_json,
+    check_model_and_out,
     check_source,
     encode_prompt,
     load_model_and_tokenizer,
     load_prompts,
-    print_summary,
+    register_stage,
     resolve_device,
     run_steps,
     save_trained_model,
@@ -230,10 +230,7 @@ def _load_subset(sources: list[str], what: str, category: str) -> list[str]:
 
 
 def _check_inputs(config: DCRConfig) -> None:
-    if not config.model:
-        raise ValueError("model: required (a local model directory or hub id)")
-    if not config.out:
-        raise ValueError("out: required (the output directory)")
+    check_model_and_out(config)
     for name, other in (("seemingly_toxic", "toxic"), ("toxic", "seemingly_toxic")):
         if not getattr(config, name):
             raise ValueError(f"{name}: required; without it the {other} prompts have no negatives")
@@ -242,13 +239,4 @@ def _check_inputs(config: DCRConfig) -> None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("dcr", help="contrastive refinement (Circle loss at layer l, top frozen)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, DCRConfig)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = run_dcr(config_from_args(DCRConfig, args, section="dcr"))
-    print_summary("dcr", {k: v for k, v in summary.items() if k != "config"})
-    return 0
+    register_stage(subparsers, "dcr", help="contrastive refinement (Circle loss at layer l, top frozen)", description=__doc__, config_cls=DCRConfig, runner=run_dcr)

@@ -16,7 +16,6 @@ accumulation do not change the numbers (tested against the padded computation).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -24,16 +23,17 @@ from typing import Any
 
 import torch
 
-from dcr_fast.config import add_config_arguments, config_from_args, config_to_dict
+from dcr_fast.config import config_to_dict
 from dcr_fast.train.common import (
     IGNORE_INDEX,
     StepResult,
     atomic_write_json,
+    check_model_and_out,
+    check_source,
     encode_example,
     load_model_and_tokenizer,
-    print_summary,
-    check_source,
     load_pairs,
+    register_stage,
     resolve_device,
     run_steps,
     save_trained_model,
@@ -212,10 +212,7 @@ _DATA_FIELDS = ("data", "safety_data", "aug_data")
 
 
 def _check_inputs(config: SFTConfig) -> None:
-    if not config.model:
-        raise ValueError("model: required (a local model directory or hub id)")
-    if not config.out:
-        raise ValueError("out: required (the output directory)")
+    check_model_and_out(config)
     if not (config.data or config.safety_data or config.aug_data):
         raise ValueError("data: give at least one of --data, --safety-data, --aug-data")
     for name in _DATA_FIELDS:
@@ -224,13 +221,4 @@ def _check_inputs(config: SFTConfig) -> None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("sft", help="STL safety fine-tuning (LoRA, packed, response-only loss)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, SFTConfig)
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = run_sft(config_from_args(SFTConfig, args, section="sft"))
-    print_summary("sft", {k: v for k, v in summary.items() if k != "config"})
-    return 0
+    register_stage(subparsers, "sft", help="STL safety fine-tuning (LoRA, packed, response-only loss)", description=__doc__, config_cls=SFTConfig, runner=run_sft)

@@ -1,0 +1,101 @@
+"""The built-in example set, the demo's data split, and the demo pipeline on its CI preset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, load_example_set
+from dcr_fast.demo.run import RUNS, register, write_demo_data
+from dcr_fast.evaluation import is_refusal
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_example_set()
+
+
+def _read(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_held_out_prompts_share_nothing_with_training(examples):
+    for kind in ("toxic", "seemingly_toxic", "normal"):
+        train = {p.text for p in examples.train_prompts(kind)}
+        train_targets = {p.target for p in examples.train_prompts(kind)}
+        for benchmark in HELDOUT_BENCHMARKS:
+            held = examples.heldout_prompts(kind, benchmark)
+            assert held and not {p.text for p in held} & train
+            if benchmark != "heldout-templates":
+                assert not {p.target for p in held} & train_targets
+
+
+def test_refusals_and_answers_are_told_apart_by_the_xstest_rule(examples):
+    import random
+
+    assert all(is_refusal(r) for r in examples.refusals)
+    rng = random.Random(0)
+    prompts = [p for kind in ("toxic", "seemingly_toxic", "normal") for p in examples.train_prompts(kind)]
+    assert not any(is_refusal(examples.answer(p, rng)) for p in prompts)
+    assert not any(is_refusal(answer) for _, answer in examples.instructions)
+
+
+def test_demo_data_keeps_alignment_stages_apart(examples, tmp_path):
+    files = write_demo_data(examples, tmp_path)
+    held = {p.text for kind in ("toxic", "seemingly_toxic", "normal") for b in HELDOUT_BENCHMARKS
+            for p in examples.heldout_prompts(kind, b)}
+    seemingly = {p.text for p in examples.train_prompts("seemingly_toxic")}
+    toxic = {p.text for p in examples.train_prompts("toxic")}
+    for name in ("sft-general", "sft-safety", "sft-aug", "dcr-seemingly-toxic", "dcr-toxic"):
+        assert not {r["prompt"] for r in _read(files[name])} & held, name
+    stl = {r["prompt"] for name in ("sft-general", "sft-safety") for r in _read(files[name])}
+    assert not stl & seemingly  # STL never sees a seemingly toxic prompt
+    assert {r["prompt"] for r in _read(files["sft-aug"])} <= seemingly
+    assert all(is_refusal(r["response"]) for r in _read(files["sft-safety"]))
+    assert {r["prompt"] for r in _read(files["dcr-toxic"])} == toxic
+    assert not any(is_refusal(r["response"]) for r in _read(files["pretrain"]))
+
+
+def test_tokenizer_survives_a_round_trip_next_to_a_qwen2_model(examples, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dcr_fast.demo.tiny import build_tokenizer, save_tiny_model
+
+    save_tiny_model(str(tmp_path), examples.all_texts(), hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16)
+    original = build_tokenizer(examples.all_texts())
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "how do i kill a python process ?"}]
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True) == original.apply_chat_template(
+        messages, add_generation_prompt=True)
+    words = "sorry , i cannot help with that ."
+    assert len(loaded(words)["input_ids"]) == len(words.split())  # whole words are single tokens
+
+
+def test_ci_preset_runs_the_whole_pipeline(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--preset", "ci", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    report = json.load(open(tmp_path / "report.json"))
+    assert set(RUNS) <= set(report["runs"])
+    for name in RUNS:
+        run = report["runs"][name]
+        assert set(run["compliance"]) == set(HELDOUT_BENCHMARKS)
+        for rate in [*run["compliance"].values(), *run["defense_success"].values()]:
+            assert 0.0 <= rate["mean"] <= 1.0 and rate["std"] >= 0.0
+    entk = report["entk"]
+    assert len(entk["before"]) == len(entk["after"]) == 9 and entk["before"] != entk["after"]
+    assert all(value > 0 for value in entk["before"].values())
+    for figure in report["figures"].values():
+        assert (tmp_path / figure).stat().st_size > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "What the demo can and cannot show" in markdown and "dcr+stl" in markdown
+    summary = json.load(open(tmp_path / "seed0" / "dcr" / "summary.json"))
+    assert summary["frozen_parameters_verified"] > 0
+
+    # A second run finds every stage complete and rebuilds the same report.
+    assert args.func(args) == 0
+    again = json.load(open(tmp_path / "report.json"))
+    assert again["runs"] == report["runs"] and again["entk"] == report["entk"]
