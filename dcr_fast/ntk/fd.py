@@ -127,9 +127,9 @@ class _ProbeEngine:
         tokens = self.probes.tokens[probe_rows]
         c, k = tokens.shape
         n_dir = c * k
-        dtype = queries.hidden.dtype
-        scale = torch.cat([torch.full((n_dir,), eps, dtype=dtype), torch.full((n_dir,), -eps, dtype=dtype)])
-        scale = scale.to(queries.hidden.device)
+        # Directions 0..n_dir-1 step +ε, the next n_dir the same factors -ε (probe_linear's p mod F).
+        scale = torch.full((2 * n_dir,), eps, dtype=queries.hidden.dtype, device=queries.hidden.device)
+        scale[n_dir:] = -eps
         n_queries = queries.batch_size
         # Row b of the batch is query b % n' under direction b // n'.
         batch = queries.select(torch.arange(n_queries).repeat(2 * n_dir))
