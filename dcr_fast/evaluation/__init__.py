@@ -1,7 +1,7 @@
 """Evaluation of the DCR pipeline: generation, refusal judging, refusal probability,
 layer separability, refusal tracking during SFT, and Table-1 style reports."""
 
-from dcr_fast.evaluation.evaluate import EvalConfig, evaluate
+from dcr_fast.evaluation.harness import EvalConfig, evaluate
 from dcr_fast.evaluation.generation import GenerationConfig, chat_texts, generate
 from dcr_fast.evaluation.refusal import (
     XSTEST_REFUSAL_PREFIXES,
@@ -20,6 +20,8 @@ from dcr_fast.evaluation.refusal_prob import (
     refusal_probability,
 )
 from dcr_fast.evaluation.report import write_report
+from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states, plot_mds, separability
+from dcr_fast.evaluation.tracking import RefusalTracker, plot_tracking
 
 __all__ = [
     "EvalConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "Judge",
     "REFUSAL_SET",
     "RefusalFilter",
+    "RefusalTracker",
     "XSTEST_REFUSAL_PREFIXES",
     "candidate_log_probs",
     "candidate_log_probs_reference",
@@ -37,7 +40,12 @@ __all__ = [
     "evaluate",
     "generate",
     "is_refusal",
+    "kmeans_hungarian_accuracy",
+    "last_token_hidden_states",
+    "plot_mds",
+    "plot_tracking",
     "refusal_probability",
+    "separability",
     "strmatch_label",
     "write_report",
 ]

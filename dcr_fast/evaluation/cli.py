@@ -15,7 +15,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from dcr_fast.evaluation.evaluate import EvalConfig
+from dcr_fast.evaluation.harness import EvalConfig
 
 NAME = "eval"
 _DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dcr_fast.data import load_benchmark
-    from dcr_fast.evaluation.evaluate import evaluate
+    from dcr_fast.evaluation.harness import evaluate
     from dcr_fast.evaluation.refusal import GuardJudge, RefusalFilter
     from dcr_fast.evaluation.report import write_report
 
