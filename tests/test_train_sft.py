@@ -11,7 +11,7 @@ import torch
 
 from dcr_fast.demo.tiny import save_tiny_model
 from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer
-from dcr_fast.train.sft import SFTConfig, plan_steps, register, run_sft, sft_loss_sum, tokenize_example
+from dcr_fast.train.sft import SFTConfig, plan_steps, prepare_model, register, run_sft, sft_loss_sum, tokenize_example
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -208,3 +208,18 @@ def test_cli_flags_reach_the_config(tiny_model, data_file, tmp_path):
     assert args.func(args) == 0
     saved = json.load(open(tmp_path / "cli" / "summary.json"))["config"]
     assert (saved["epochs"], saved["micro_batch_size"], saved["lr_schedule"]) == (0.5, 4, "linear")
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_model):
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="sdpa",
+                                                    device=torch.device("cpu"))
+        torch.manual_seed(0)
+        model = prepare_model(model, SFTConfig(lora_dropout=0.0, gradient_checkpointing=checkpointing)).train()
+        batch = [tokenize_example(tokenizer, p, r, SFTConfig()) for p, r in PAIRS[:4]]
+        sft_loss_sum(model, batch, packed=True, device=torch.device("cpu")).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
