@@ -129,71 +129,70 @@ def run(config: EntkBenchConfig) -> list[Row]:
             "tail_layers": config.tail_layers, "lm_head": True, "dtype": config.dtype}
     settings = dict(k=config.k, tail_layers=config.tail_layers, chunk_size=config.chunk_size, progress=False)
 
+    # The reference first (a few sampled blocks), so every later row can be saved with its
+    # speed-up as soon as it is measured: a run cut short keeps what it measured.
+    sampled = reference_sample(model, config, groups, device) if "fd-reference" in config.methods else None
+    reference_ms = None if sampled is None else sampled["seconds"] * 1e3
     rows: list[Row] = []
-    matrices: dict[str, np.ndarray] = {}
+    exact = None
     warm = {name: prompts[:1] for name, prompts in list(groups.items())[:2]}
-    for method in [m for m in config.methods if m != "fd-reference"]:
+    for method in [m for m in ("exact", "fd") if m in config.methods]:
         entk_matrix(model, None, warm, method=method, **settings)  # warm-up: kernels, allocator
         seconds, result = timed(lambda method=method: entk_matrix(model, None, groups, method=method, **settings), device)
-        matrices[method] = result.normalized
-        rows.append(row(method, case, seconds, n * n, metrics={}))
-    if "fd-reference" in config.methods:
-        rows.append(reference_row(model, config, groups, case, matrices.get("exact"), device))
-    add_ratios(rows, matrices)
-    for r in rows:
-        results.add(r)
+        exact = result.normalized if method == "exact" else exact
+        metrics = {} if exact is None else {"max_rel_diff_vs_exact": max_rel_diff(result.normalized, exact)}
+        rows.append(results.add(row(method, case, seconds, n * n, metrics, reference_ms)))
+    if sampled is not None:
+        metrics = {"extrapolated_from_pairs": float(len(sampled["pairs"]))}
+        if exact is not None:
+            at = tuple(np.array(sampled["pairs"]).T)
+            metrics["max_rel_diff_vs_exact"] = max_rel_diff(np.array(sampled["normalized"]), exact[at])
+        rows.append(results.add(row("fd-reference", case, sampled["seconds"], n * n, metrics, reference_ms)))
     print(format_table(rows, METRICS), flush=True)
 
     if config.large_prompts and "exact" in config.methods:
         big = make_groups(config.large_prompts, config.tokens, config.vocab, device, seed=1)
-        seconds, _ = timed(lambda: entk_matrix(model, None, big, method="exact", **settings), device)
-        large = row("exact", {**case, "N": config.large_prompts, "pairs": config.large_prompts**2}, seconds,
-                    config.large_prompts**2, metrics={})
-        rows.append(results.add(large))
-        print(format_table([large], METRICS), flush=True)
+        offload = device.type == "cuda"  # ~20 MB of probe features a prompt at 1.5B widths
+        seconds, _ = timed(
+            lambda: entk_matrix(model, None, big, method="exact", offload_features=offload, **settings), device
+        )
+        large_case = {**case, "N": config.large_prompts, "pairs": config.large_prompts**2, "offload": offload}
+        rows.append(results.add(row("exact", large_case, seconds, config.large_prompts**2, {})))
+        print(format_table(rows[-1:], METRICS), flush=True)
     return rows
 
 
-def reference_row(model, config: EntkBenchConfig, groups, case, exact: np.ndarray | None, device) -> Row:
-    """fd-reference: time sampled blocks (pair + normalizer) and extrapolate to the matrix."""
+def reference_sample(model, config: EntkBenchConfig, groups, device) -> dict:
+    """fd-reference on sampled pairs (each with its normalizer), extrapolated to the N×N matrix."""
     prompts = [p for items in groups.values() for p in items]
     n = len(prompts)
     spec = tail_spec(model, config.tail_layers, True)
     g = torch.Generator().manual_seed(0)
-    sample = [tuple(int(i) for i in torch.randint(0, n, (2,), generator=g)) for _ in range(config.reference_pairs)]
+    pairs = [tuple(int(i) for i in torch.randint(0, n, (2,), generator=g)) for _ in range(config.reference_pairs)]
     fd_reference_block(model, spec, prompts[0], prompts[-1], k=config.k, eps=1e-3)  # warm-up, untimed
-    seconds, diffs = 0.0, []
-    for r, c in sample:
+    seconds, normalized = 0.0, []
+    for r, c in pairs:
         elapsed, (K, K_self, _, _) = timed(
             lambda r=r, c=c: fd_reference_block(model, spec, prompts[r], prompts[c], k=config.k, eps=1e-3), device
         )
         seconds += elapsed
-        if exact is not None:
-            value = float(torch.linalg.matrix_norm(K) / torch.linalg.matrix_norm(K_self))
-            diffs.append(abs(value - exact[r, c]) / abs(exact[r, c]))
-    per_block = seconds / (2 * len(sample))  # each sample is one pair and one normalizer
-    metrics = {"extrapolated_from_pairs": float(len(sample))}
-    if diffs:
-        metrics["max_rel_diff_vs_exact"] = max(diffs)
-    print(f"fd-reference: {len(sample)} sampled pairs, {per_block:.3f} s per block; the N×N time is "
+        normalized.append(float(torch.linalg.matrix_norm(K) / torch.linalg.matrix_norm(K_self)))
+    per_block = seconds / (2 * len(pairs))  # each sample is one pair and one normalizer
+    print(f"fd-reference: {len(pairs)} sampled pairs, {per_block:.3f} s per block; the N×N time is "
           f"extrapolated as (N² + N) × that", flush=True)
-    return row("fd-reference", case, per_block * (n * n + n), n * n, metrics)
+    return {"pairs": pairs, "normalized": normalized, "seconds": per_block * (n * n + n)}
 
 
-def add_ratios(rows: list[Row], matrices: dict[str, np.ndarray]) -> None:
-    reference = next((r for r in rows if r.impl == "fd-reference"), None)
-    for r in rows:
-        if reference is not None:
-            r.metrics["speedup_vs_reference"] = reference.ms_median / r.ms_median
-        if r.impl in matrices and "exact" in matrices:
-            diff = np.abs(matrices[r.impl] - matrices["exact"]) / np.abs(matrices["exact"])
-            r.metrics["max_rel_diff_vs_exact"] = float(diff.max())
+def max_rel_diff(values: np.ndarray, exact: np.ndarray) -> float:
+    return float((np.abs(values - exact) / np.abs(exact)).max())
 
 
-def row(method: str, case: dict, seconds: float, pairs: int, metrics: dict) -> Row:
+def row(method: str, case: dict, seconds: float, pairs: int, metrics: dict, reference_ms: float | None = None) -> Row:
+    metrics = {"pairs_per_s": pairs / seconds, **metrics}
+    if reference_ms is not None:
+        metrics["speedup_vs_reference"] = reference_ms / (seconds * 1e3)
     return Row(bench=BENCH, impl=method, mode="fwd+bwd", case=dict(case), ms_median=seconds * 1e3,
-               ms_p20=seconds * 1e3, ms_p80=seconds * 1e3, repeats=1,
-               metrics={"pairs_per_s": pairs / seconds, **metrics})
+               ms_p20=seconds * 1e3, ms_p80=seconds * 1e3, repeats=1, metrics=metrics)
 
 
 def timed(fn, device: torch.device):

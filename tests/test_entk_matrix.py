@@ -46,9 +46,9 @@ def test_matrix_entries_equal_entk_block(model, tokenizer, exact):
     np.testing.assert_allclose(np.diag(exact.normalized), 1.0, rtol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 100])
-def test_chunking_does_not_change_numbers(model, tokenizer, exact, chunk_size):
-    other = entk_matrix(model, tokenizer, GROUPS, chunk_size=chunk_size, **SETTINGS)
+@pytest.mark.parametrize("chunk_size,offload", [(1, False), (4, True), (100, False)])
+def test_chunking_and_offload_do_not_change_numbers(model, tokenizer, exact, chunk_size, offload):
+    other = entk_matrix(model, tokenizer, GROUPS, chunk_size=chunk_size, offload_features=offload, **SETTINGS)
     np.testing.assert_allclose(other.normalized, exact.normalized, rtol=1e-10)
 
 

@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
     parser.add_argument("--eps", type=float, default=defaults.eps, help="finite-difference step (fd methods)")
     parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="prompts per row chunk")
+    parser.add_argument(
+        "--offload-features", action=argparse.BooleanOptionalAction, default=defaults.offload_features,
+        help="keep per-prompt probe features in host memory (large runs on a GPU)",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn", default="auto", help="attention implementation (auto: SDPA)")

@@ -56,6 +56,20 @@ class ProbeFeatures:
     def n(self) -> int:
         return self.tokens.shape[0]
 
+    def to(self, device: torch.device | str, *, pin: bool = False) -> ProbeFeatures:
+        """A copy on ``device`` (``pin``: in page-locked host memory, for fast uploads)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device, non_blocking=True)
+            return t.pin_memory() if pin else t
+
+        return ProbeFeatures(
+            move(self.tokens),
+            [LinearFeatures(move(f.a), move(f.delta)) for f in self.linears],
+            move(self.dense),
+            None if self.head is None else move(self.head),
+        )
+
     def select(self, rows: slice) -> ProbeFeatures:
         return ProbeFeatures(
             self.tokens[rows],

@@ -46,6 +46,7 @@ class EntkMatrixConfig:
     method: str = "exact"
     eps: float = 1e-3
     chunk_size: int = 64
+    offload_features: bool = False
 
 
 @dataclass
@@ -75,6 +76,7 @@ def entk_matrix(
     method: str = "exact",
     eps: float = 1e-3,
     chunk_size: int = 64,
+    offload_features: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EntkMatrix:
@@ -82,8 +84,11 @@ def entk_matrix(
 
     ``groups`` maps a group name to its prompts: strings (with ``tokenizer``, which applies
     the chat template) or 1-D LongTensors of token ids (``tokenizer=None``).
+    ``offload_features`` keeps the per-prompt probe features (tens of MB a prompt for a
+    1.5B model) in host memory and uploads a chunk when it is contracted, for runs whose
+    features do not fit on the accelerator.
     """
-    config = EntkMatrixConfig(k, tail_layers, include_lm_head, method, eps, chunk_size)
+    config = EntkMatrixConfig(k, tail_layers, include_lm_head, method, eps, chunk_size, offload_features)
     check_options(model, k=k, method=method, eps=eps)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -173,29 +178,33 @@ class _FeatureEngine:
 
     def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
         self.chunk_size = config.chunk_size
-        self.chunks = [
-            prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
-            for start in range(0, len(prompts), config.chunk_size)
-        ]
+        self.device = next(model.parameters()).device
+        self.chunks = []
+        for start in range(0, len(prompts), config.chunk_size):
+            cache, tokens, features = prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
+            if config.offload_features:
+                features = features.to("cpu", pin=self.device.type == "cuda")
+            self.chunks.append((cache, tokens, features))
         self.symmetric = config.method == "exact"
         if self.symmetric:
             self.blocks = lambda left, right: probe_gram(left[2], right[2])
         else:
             fd_blocks = fd_module().fd_blocks
             self.blocks = lambda left, right: fd_blocks(model, spec, left[0], left[1], right[2], eps=config.eps)
-        device = self.chunks[0][1].device
-        self.pair_norms = torch.full((len(prompts), len(prompts)), float("nan"), dtype=torch.float64, device=device)
-        for i, chunk in enumerate(self.chunks):
-            rows = self._rows(i)
-            self.pair_norms[rows, rows] = _pair_norms(self.blocks(chunk, chunk)).double()
+        n = len(prompts)
+        self.pair_norms = torch.full((n, n), float("nan"), dtype=torch.float64, device=self.device)
+        for i in range(len(self.chunks)):
+            chunk = self._chunk(i)
+            self.pair_norms[self._rows(i), self._rows(i)] = _pair_norms(self.blocks(chunk, chunk)).double()
         self.self_norms = self.pair_norms.diagonal().clone()
 
     def normalized_rows(self, rows: range) -> np.ndarray:
         i = rows.start // self.chunk_size
-        for j, right in enumerate(self.chunks):
+        left = self._chunk(i)
+        for j in range(len(self.chunks)):
             if j == i or (self.symmetric and j < i):
                 continue
-            self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(self.chunks[i], right)).double()
+            self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(left, self._chunk(j))).double()
             if self.symmetric:
                 self.pair_norms[self._rows(j), self._rows(i)] = self.pair_norms[self._rows(i), self._rows(j)].T
         norms = self.pair_norms[self._rows(i)]
@@ -208,6 +217,10 @@ class _FeatureEngine:
         self.pair_norms[chunk] = block
         if self.symmetric:
             self.pair_norms[:, chunk] = block.T
+
+    def _chunk(self, i: int) -> tuple:
+        cache, tokens, features = self.chunks[i]
+        return cache, tokens, features.to(self.device)
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.pair_norms.shape[0]))
