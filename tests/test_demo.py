@@ -86,8 +86,9 @@ def test_ci_preset_runs_the_whole_pipeline(tmp_path):
         for rate in [*run["compliance"].values(), *run["defense_success"].values()]:
             assert 0.0 <= rate["mean"] <= 1.0 and rate["std"] >= 0.0
     entk = report["entk"]
-    assert len(entk["before"]) == len(entk["after"]) == 9 and entk["before"] != entk["after"]
-    assert all(value > 0 for value in entk["before"].values())
+    assert set(entk["before"]) == set(entk["after"]) == {"toxic", "seemingly_toxic", "normal"}
+    assert entk["before"] != entk["after"]
+    assert all(value > 0 for row in entk["before"].values() for value in row.values())
     for figure in report["figures"].values():
         assert (tmp_path / figure).stat().st_size > 0
     markdown = (tmp_path / "report.md").read_text()

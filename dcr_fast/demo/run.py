@@ -218,22 +218,17 @@ def entk_before_after(before: Path, after: Path, examples: ExampleSet, config: D
     θ_S is the tail DCR leaves frozen (decoder layers above ``dcr_layer``, plus lm_head): DCR
     changes only the features that tail receives, which is the paper's mechanism.
     """
-    from dcr_fast.ntk import entk_block
+    from dcr_fast.ntk import entk_matrix
 
     rng = random.Random(0)
     groups = {kind: [p.text for p in rng.sample(examples.train_prompts(kind), config.entk_prompts)] for kind in KINDS}
     result = {"tail_layers": config.layers - config.dcr_layer, "include_lm_head": True, "k": config.entk_k,
-              "prompts_per_group": config.entk_prompts, "groups": list(KINDS)}
+              "prompts_per_group": config.entk_prompts, "groups": list(KINDS), "method": "exact"}
     for label, model_dir in (("before", before), ("after", after)):
         model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype="float32", attn_implementation="eager",
                                                     device=torch.device(config.device))
-        means = {}
-        for a in KINDS:
-            for b in KINDS:
-                values = [entk_block(model, xp, x, k=config.entk_k, tail_layers=result["tail_layers"], tokenizer=tokenizer).normalized
-                          for xp in groups[a] for x in groups[b] if xp != x]
-                means[f"{a}|{b}"] = statistics.fmean(values)
-        result[label] = means
+        matrix = entk_matrix(model, tokenizer, groups, k=config.entk_k, tail_layers=result["tail_layers"], progress=False)
+        result[label] = matrix.means_dict()
     return result
 
 
@@ -299,7 +294,8 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
         entk = report["entk"]
         notes += ["", f"eNTK (normalized ‖K(x',x)[So,Su]‖ / ‖K(x',x')[So,So]‖, tail = last {entk['tail_layers']} "
                   "layers + lm_head), mean per group pair, before → after DCR:", ""]
-        notes += [f"- {pair}: {entk['before'][pair]:.3f} → {entk['after'][pair]:.3f}" for pair in entk["before"]]
+        notes += [f"- x′ {a} / x {b}: {entk['before'][a][b]:.3f} → {entk['after'][a][b]:.3f}"
+                  for a in entk["groups"] for b in entk["groups"]]
     notes += ["", "## What the demo can and cannot show", "", report["limits"]]
     markdown = report_markdown(report, "\n".join(notes)).replace("# Evaluation report", "# dcr-fast demo report", 1)
     atomic_write_text(out / "report.md", markdown)
@@ -312,14 +308,15 @@ def plot_entk(entk: dict[str, Any], path: Path, save_figure) -> Path:
     import matplotlib.pyplot as plt
 
     groups = entk["groups"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    top = max(max(entk[s].values()) for s in ("before", "after"))
+    names = [g.replace("_", "\n") for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    top = max(entk[s][a][b] for s in ("before", "after") for a in groups for b in groups)
     for ax, label in zip(axes, ("before", "after")):
-        grid = [[entk[label][f"{a}|{b}"] for b in groups] for a in groups]
+        grid = [[entk[label][a][b] for b in groups] for a in groups]
         image = ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")
-        ax.set_xticks(range(len(groups)), groups, rotation=20)
-        ax.set_yticks(range(len(groups)), groups)
-        ax.set_title(f"{label} DCR")
+        ax.set_xticks(range(len(groups)), names)
+        ax.set_yticks(range(len(groups)), names)
+        ax.set_title(f"{label} DCR (rows x′, columns x)")
         for i in range(len(groups)):
             for j in range(len(groups)):
                 ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
