@@ -19,6 +19,12 @@ contraction (:func:`probe_gram`), which is why ``entk_matrix`` computes features
 prompt and contracts them in batches. Rows where δ is zero for every probe are dropped
 (in the last tail layer the MLP, o_proj and q_proj only see the last position).
 Arithmetic runs in the compute dtype of :mod:`dcr_fast.ntk.tail` (fp32, or fp64).
+
+Why not forward-mode JVP: one JVP gives one column J(x')·w for one pair, so a pair costs k
+tail passes with tangents however the w are shared, while the Gram's per-pair cost is a
+contraction of stored features. Measured on the CPU (2 cores, the ``cpu-tiny`` benchmark
+model, eager attention, fp32): JVP columns 1.55 s a pair against 54 ms a pair for the Gram
+over an 8×8 matrix (features included), agreeing to 5e-7 relative.
 """
 
 from __future__ import annotations
