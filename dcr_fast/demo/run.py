@@ -284,7 +284,8 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
         figures["entk"] = str(plot_entk(report["entk"], out / "figures" / "entk.png", save_figure).relative_to(out))
     report["figures"] = figures
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    notes = [f"Wall time: {report['wall_s'] / 60:.1f} min on {report['device']} (torch {report['torch']}).", ""]
+    notes = [f"Wall time of this invocation: {report['wall_s'] / 60:.1f} min on {report['device']} (torch "
+             f"{report['torch']}); stages already complete in the output directory are reused, not rerun.", ""]
     notes += ["Benchmarks hold out of every alignment stage: `heldout-targets` unseen objects/persons with "
               "training templates, `heldout-templates` unseen phrasings with training targets, `heldout-both` both.", ""]
     notes += ["Answer opening compliance on held-out *normal* prompts (should stay high):", ""]
