@@ -257,19 +257,20 @@ class _PrefixDone(Exception):
 
 
 def _complete(model: nn.Module, spec: TailSpec, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every θ_S tensor the tail touches, in the compute dtype; ``params`` override by name."""
-    if model_dtype(model) == compute_dtype(model_dtype(model)) and len(params) == len(spec.param_names):
+    """``params`` plus, for bf16/fp16 models, every other weight the tail touches lifted to the
+    compute dtype (θ_S not given, the final norm, an lm_head outside θ_S); full-precision
+    models use their own tensors for anything not given."""
+    dtype = compute_dtype(model_dtype(model))
+    if model_dtype(model) == dtype:
         return params
-    full = tail_parameters(model, spec)
-    full.update(params)
-    if model_dtype(model) != compute_dtype(model_dtype(model)):
-        # The final norm and an excluded lm_head still run in the tail: lift them too.
-        base_names = [f"{spec.base_prefix}.norm.{n}" for n, _ in _base_model(model)[0].norm.named_parameters()]
-        head_names = [f"{spec.lm_head_name}.{n}" for n, _ in model.get_output_embeddings().named_parameters()]
-        for name in base_names + head_names:
-            if name not in full:
-                full[name] = _get_by_name(model, name).detach().to(compute_dtype(model_dtype(model)))
-    return full
+    base, _ = _base_model(model)
+    names = [
+        *spec.param_names,
+        *(f"{spec.base_prefix}.norm.{n}" for n, _ in base.norm.named_parameters()),
+        *(f"{spec.lm_head_name}.{n}" for n, _ in model.get_output_embeddings().named_parameters()),
+    ]
+    lifted = {name: _get_by_name(model, name).detach().to(dtype) for name in names if name not in params}
+    return {**lifted, **params}
 
 
 def _base_model(model: nn.Module) -> tuple[nn.Module, str]:
