@@ -63,11 +63,13 @@ class ProbeFeatures:
         return self.tokens.shape[0]
 
     def to(self, device: torch.device | str, *, pin: bool = False) -> ProbeFeatures:
-        """A copy on ``device`` (``pin``: in page-locked host memory, for fast uploads)."""
+        """A copy on ``device``; ``pin`` puts a host copy in page-locked memory, from which
+        later uploads run asynchronously on the current stream."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device, non_blocking=True)
-            return t.pin_memory() if pin else t
+            if pin:  # a blocking download: the host copy is complete when this returns
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            return t.to(device, non_blocking=True)
 
         return ProbeFeatures(
             move(self.tokens),
