@@ -69,7 +69,7 @@ class ProbeFeatures:
         def move(t: torch.Tensor) -> torch.Tensor:
             if pin:  # a blocking download: the host copy is complete when this returns
                 return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-            return t.to(device, non_blocking=True)
+            return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
         return ProbeFeatures(
             move(self.tokens),
