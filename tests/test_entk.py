@@ -206,3 +206,14 @@ def test_ghost_and_materialized_linear_grams_agree_with_oracle(monkeypatch, mate
         K, K_self, _, _ = jacobian_block(model, tail_spec(model, 2, True), x_prime, x, k=5)
         block = entk_block(model, x_prime, x, k=5, tail_layers=2)
     assert rel(block.K, K) < EXACT_RTOL and rel(block.K_self, K_self) < EXACT_RTOL
+
+
+def test_tail_mixing_sliding_and_full_attention_is_rejected():
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=2,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert tail_spec(model, 2).layer_indices == (2, 3)
+    with pytest.raises(ValueError, match="mixes attention types"):
+        tail_spec(model, 3)

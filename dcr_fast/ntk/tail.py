@@ -99,6 +99,13 @@ def tail_spec(
     if tail_layers == 0 and not (include_lm_head or include_final_norm):
         raise ValueError("tail_layers=0 with include_lm_head=False leaves θ_S empty")
     indices = tuple(range(n_layers - tail_layers, n_layers))
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if len({layer_types[i] for i in indices if i < len(layer_types)}) > 1:
+        # The cached attention mask is the one the first tail layer receives.
+        raise ValueError(
+            f"tail_layers={tail_layers} mixes attention types {sorted(set(layer_types[i] for i in indices))} "
+            "(sliding-window layers); choose a tail whose layers share one type"
+        )
     names = [
         f"{prefix}.layers.{i}.{local}" for i in indices for local, _ in base.layers[i].named_parameters()
     ]
