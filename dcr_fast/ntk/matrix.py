@@ -105,7 +105,7 @@ def entk_matrix(
     store = _ChunkStore(Path(out_dir), config, labels, prompts) if out_dir is not None else None
 
     engine_class = _ReferenceEngine if method == "fd-reference" else _FeatureEngine
-    engine = engine_class(model, spec, prompts, config)
+    engine = engine_class(model, spec, prompts, config, progress=progress)
     n = len(prompts)
     starts = range(0, n, chunk_size)
     rows_out: list[np.ndarray] = []
@@ -176,11 +176,14 @@ class _FeatureEngine:
     below the diagonal that earlier row chunks (computed or loaded) already gave.
     """
 
-    def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
+    def __init__(
+        self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig, *, progress: bool
+    ):
         self.chunk_size = config.chunk_size
         self.device = next(model.parameters()).device
         self.chunks = []
-        for start in range(0, len(prompts), config.chunk_size):
+        starts = range(0, len(prompts), config.chunk_size)
+        for start in tqdm(starts, desc="probe features", unit="chunk", disable=not progress):
             cache, tokens, features = prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
             if config.offload_features:
                 features = features.to("cpu", pin=self.device.type == "cuda")
@@ -229,11 +232,16 @@ class _FeatureEngine:
 class _ReferenceEngine:
     """fd-reference: pair by pair as the paper does, each prompt's normalizer computed once."""
 
-    def __init__(self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig):
+    def __init__(
+        self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig, *, progress: bool
+    ):
         self.prompts = prompts
         self.kernel = lambda xp, x, so, su: fd_reference_kernel(model, spec, xp, x, so, su, eps=config.eps)
         self.tokens = [top_tokens(model, p, config.k) for p in prompts]
-        self.self_norms = [torch.linalg.matrix_norm(self.kernel(p, p, t, t)) for p, t in zip(prompts, self.tokens)]
+        self.self_norms = [
+            torch.linalg.matrix_norm(self.kernel(p, p, t, t))
+            for p, t in tqdm(list(zip(prompts, self.tokens)), desc="normalizers", disable=not progress)
+        ]
 
     def normalized_rows(self, rows: range) -> np.ndarray:
         out = np.empty((len(rows), len(self.prompts)))
