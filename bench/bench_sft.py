@@ -12,8 +12,9 @@ work that matters.
   AdamW), timed with ``bench.common.measure``; peak memory of one step.
 * ``trl`` (only when ``trl`` is installed, else a ``skipped`` row): ``trl.SFTTrainer`` with a
   peft ``LoraConfig`` and a conversational prompt-completion dataset (loss on completions),
-  ``max_steps`` steps timed end to end after one warm-up step; its loss curve is recorded
-  beside ours (``loss_curve`` metrics) so equal work can be checked.
+  ``trl_steps`` steps timed end to end after one warm-up step. Both record the loss of their
+  first ``trl_steps + 1`` steps (``loss_step<i>`` metrics; ours before its timed steps), so the
+  curves can be compared: same data, model and recipe, though not the same data order.
 
 Modes: ``--preset cpu`` (a tiny Qwen2, seconds per case, run on the 2-core CI machine) and
 ``--preset gpu`` (Qwen2.5-1.5B architecture with random weights, bf16 autocast, on CUDA).
@@ -42,11 +43,13 @@ from dcr_fast.train.sft import SFTConfig, prepare_model, sft_loss_sum, tokenize_
 
 BENCH = "sft"
 PRESETS = {
+    # (micro_batch, grad_accum, max_sentences): the recipe's micro-batch of varied lengths, and
+    # the demo's micro-batch of 16 short, similar conversations.
     "cpu": dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=256, vocab_size=0,
-                micro_batch=4, grad_accum=4, max_sentences=8, budget_s=4.0),
+                cases=[(4, 4, 8), (16, 1, 1)], budget_s=4.0),
     # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied.
     "gpu": dict(hidden_size=1536, layers=28, heads=12, kv_heads=2, intermediate_size=8960, vocab_size=151936,
-                micro_batch=4, grad_accum=8, max_sentences=40, budget_s=10.0),
+                cases=[(4, 8, 40)], budget_s=10.0),
 }
 
 
@@ -73,19 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     shape = PRESETS[config.preset]
     device = torch.device(config.device)
     results = ResultsFile(BENCH, device, results_dir=config.results_dir, extra_packages=("transformers", "peft", "trl"))
-    rows = run_cases(config, shape, device, results)
-    print(format_table(rows, ["tokens_per_s", "vs_padded", "real_token_share", "final_loss"]))
+    rows = []
+    for micro_batch, grad_accum, max_sentences in shape["cases"]:
+        case_shape = {**shape, "micro_batch": micro_batch, "grad_accum": grad_accum, "max_sentences": max_sentences}
+        rows += run_case(config, case_shape, device, results)
+    print(format_table(rows, ["tokens_per_s", "vs_padded", "real_token_share", "loss_step1", f"loss_step{config.trl_steps + 1}"]))
     print(f"results: {results.path}")
     return 0
 
 
-def run_cases(config: SFTBenchConfig, shape: dict, device: torch.device, results: ResultsFile) -> list[Row]:
+def run_case(config: SFTBenchConfig, shape: dict, device: torch.device, results: ResultsFile) -> list[Row]:
     torch.manual_seed(config.seed)
     examples, tokenizer = conversations(shape["max_sentences"], shape["micro_batch"] * shape["grad_accum"], config.seed)
     vocab = shape["vocab_size"] or len(tokenizer)
     autocast = device.type == "cuda"
-    case = {"preset": config.preset, **{k: shape[k] for k in ("hidden_size", "layers", "micro_batch", "grad_accum")},
-            "vocab_size": vocab, "examples_per_step": len(examples), "bf16_autocast": autocast}
+    case = {"preset": config.preset,
+            **{k: shape[k] for k in ("hidden_size", "layers", "micro_batch", "grad_accum", "max_sentences")},
+            "vocab_size": vocab, "examples_per_step": len(examples), "bf16_autocast": autocast,
+            "threads": torch.get_num_threads()}
     sft = SFTConfig(micro_batch_size=shape["micro_batch"], grad_accum=shape["grad_accum"], lora_dropout=0.05)
     batch = [tokenize_example(tokenizer, p, r, sft) for p, r in examples]
     real_tokens = sum(len(e.input_ids) for e in batch)
@@ -97,13 +105,18 @@ def run_cases(config: SFTBenchConfig, shape: dict, device: torch.device, results
         micro_batches = [batch[i : i + shape["micro_batch"]] for i in range(0, len(batch), shape["micro_batch"])]
         step_tokens = sum(t != -100 for e in batch for t in e.targets)
 
-        def step() -> None:
+        def step() -> float:
+            loss = 0.0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 for micro in micro_batches:
-                    (sft_loss_sum(model, micro, packed=packed, device=device) / step_tokens).backward()
+                    micro_loss = sft_loss_sum(model, micro, packed=packed, device=device) / step_tokens
+                    micro_loss.backward()
+                    loss += micro_loss.item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return loss
 
+        losses = [step() for _ in range(config.trl_steps + 1)]  # the loss curve TRL's is compared with
         row = measure(step, bench=BENCH, impl=impl, mode="fwd+bwd", case=case, device=device, budget_s=shape["budget_s"])
         if row.ok:
             row.metrics["tokens_per_s"] = real_tokens / (row.ms_median / 1e3)
@@ -112,6 +125,7 @@ def run_cases(config: SFTBenchConfig, shape: dict, device: torch.device, results
             if packed and padded_ms:
                 row.metrics["vs_padded"] = padded_ms / row.ms_median
             padded_ms = padded_ms or row.ms_median
+        row.metrics.update({f"loss_step{i + 1}": loss for i, loss in enumerate(losses)})
         rows.append(results.add(row))
     rows.append(results.add(trl_row(config, shape, case, examples, tokenizer, vocab, device, real_tokens)))
     return rows
