@@ -36,6 +36,32 @@ def test_fd_matches_fd_reference_float64(arch, tail_layers, include_lm_head):
     assert fast.normalized == pytest.approx(ref.normalized, rel=SAME_AS_REFERENCE)
 
 
+@pytest.mark.parametrize("arch", ["qwen2-untied", "llama-bias-untied"])
+def test_fd_matches_fd_reference_on_sdpa_models(arch):
+    """fd runs the last tail layer at the last position with eager attention; the reference, SDPA."""
+    model = tiny(arch, attn="sdpa")
+    x_prime, x = prompts(seed=7, lengths=(5, 9))
+    kwargs = dict(k=5, tail_layers=2)
+    fast, ref = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "fd-reference", **kwargs)
+    assert rel(fast.K, ref.K) < SAME_AS_REFERENCE and rel(fast.K_self, ref.K_self) < SAME_AS_REFERENCE
+
+
+@pytest.mark.parametrize("tail_layers", [1, 2])
+def test_last_position_layer_equals_the_full_layer(tail_layers, monkeypatch):
+    model = tiny("llama-bias-untied")
+    batch = prompts(seed=8, lengths=(6, 2, 9))
+    spec = tail_spec(model, tail_layers, True)
+    cache = run_prefix(model, *pad_prompts(batch), spec=spec)
+    with torch.no_grad():
+        tokens = torch.topk(tail_logits(model, spec, cache), 3, dim=1).indices
+    features = probe_features(model, spec, cache, tokens)
+    with float64_exact():
+        short = fd.fd_blocks(model, spec, cache, tokens, features)
+        monkeypatch.setattr(fd, "_last_position_supported", lambda layer, kwargs: False)
+        full = fd.fd_blocks(model, spec, cache, tokens, features)
+    assert rel(short, full) < 1e-10
+
+
 def test_fd_lm_head_only_matches_fd_reference():
     """tail_layers=0: only lm_head is perturbed, K is [a = b]·h(x')·h(x) on the shared tokens."""
     model = tiny("qwen2-untied")

@@ -13,7 +13,10 @@ So(x'). Only the organisation differs:
   batch holds (direction, query) rows, each tail linear layer becomes one
   ``probe_linear`` call (:mod:`dcr_fast.ntk.probe_ops`, C++/CUDA) that adds
   ε·(x Aᵀ) D to the shared x Wᵀ, so no parameter is copied per direction; each norm gets
-  its per-direction weight by broadcasting; lm_head is evaluated on the rows So only.
+  its per-direction weight by broadcasting; lm_head is evaluated on the rows So only;
+* z is read at the last position only, so the last tail layer runs its keys and values at
+  every position but its query, attention, o_proj and MLP at that position alone
+  (:func:`_last_position_layer`; other layer types run whole).
 
 :func:`fd_blocks` is the batch entry (the layout of :func:`dcr_fast.ntk.exact.probe_gram`, for
 ``entk_matrix``); :func:`fd_block` serves ``entk_block(method="fd")``. Arithmetic runs in the
@@ -25,6 +28,7 @@ model's parameters are never written.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -133,12 +137,18 @@ class _ProbeEngine:
         n_queries = queries.batch_size
         # Row b of the batch is query b % n' under direction b // n'.
         batch = queries.select(torch.arange(n_queries).repeat(2 * n_dir))
+        rows = torch.arange(batch.batch_size, device=batch.hidden.device)
         with self._probing(probe_rows, scale, n_queries):
             hidden = batch.hidden
-            for i in self.spec.layer_indices:
-                out = self.base.layers[i](hidden, **batch.layer_kwargs)
+            for n, i in enumerate(self.spec.layer_indices):
+                layer = self.base.layers[i]
+                if n == len(self.spec.layer_indices) - 1 and _last_position_supported(layer, batch.layer_kwargs):
+                    hidden = _last_position_layer(layer, hidden, batch.layer_kwargs, batch.last_index)[:, None]
+                    batch.last_index = torch.zeros_like(batch.last_index)
+                    break
+                out = layer(hidden, **batch.layer_kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index]
+        last = hidden[rows, batch.last_index]
         h = functional_call(self.base.norm, self.final_norm, (last,)).reshape(2 * n_dir, n_queries, -1)
         z = torch.einsum("pqd,qjd->pqj", h, self.head_weight[query_tokens])
         if self.spec.include_lm_head:
@@ -176,6 +186,55 @@ class _ProbeEngine:
         finally:
             for parent, child, original in reversed(saved):
                 setattr(parent, child, original)
+
+
+def _last_position_supported(layer: nn.Module, layer_kwargs: dict) -> bool:
+    """Whether ``layer`` is a Qwen2/Llama-style decoder layer that :func:`_last_position_layer` can run."""
+    attn = getattr(layer, "self_attn", None)
+    module = sys.modules.get(type(attn).__module__)
+    return (
+        attn is not None
+        and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+        and getattr(attn, "sliding_window", None) is None
+        and all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
+        and hasattr(module, "apply_rotary_pos_emb")
+        and hasattr(module, "eager_attention_forward")
+        and "position_embeddings" in layer_kwargs
+    )
+
+
+def _last_position_layer(
+    layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, last_index: torch.Tensor
+) -> torch.Tensor:
+    """The last tail layer's output at each row's last position, (B, d).
+
+    Only z at the last position is measured, so after the keys and values of every position
+    the layer needs one query, one attention row, o_proj and the MLP at that position: with
+    T' positions that is ~1/T' of the layer's work for everything but k_proj and v_proj.
+    It runs the layer's own submodules and its modeling file's rotary and eager attention,
+    in the order of the decoder layer's forward (x + attn(norm(x)), then + mlp(norm(·))).
+    """
+    attn = layer.self_attn
+    modeling = sys.modules[type(attn).__module__]
+    batch, positions, _ = hidden.shape
+    rows = torch.arange(batch, device=hidden.device)
+    normed = layer.input_layernorm(hidden)
+    keys = attn.k_proj(normed).view(batch, positions, -1, attn.head_dim).transpose(1, 2)
+    values = attn.v_proj(normed).view(batch, positions, -1, attn.head_dim).transpose(1, 2)
+    query = attn.q_proj(normed[rows, last_index][:, None]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = layer_kwargs["position_embeddings"]
+    _, keys = modeling.apply_rotary_pos_emb(keys, keys, cos, sin)
+    trig_rows = rows if cos.shape[0] > 1 else torch.zeros_like(rows)
+    query, _ = modeling.apply_rotary_pos_emb(
+        query, query, cos[trig_rows, last_index][:, None], sin[trig_rows, last_index][:, None]
+    )
+    # Right padding: the last real position sees every key up to itself and none after.
+    beyond = torch.arange(positions, device=hidden.device)[None, :] > last_index[:, None]
+    mask = torch.zeros(batch, 1, 1, positions, dtype=hidden.dtype, device=hidden.device)
+    mask.masked_fill_(beyond[:, None, None, :], torch.finfo(hidden.dtype).min)
+    out, _ = modeling.eager_attention_forward(attn, query, keys, values, mask, scaling=attn.scaling, dropout=0.0)
+    x = hidden[rows, last_index] + attn.o_proj(out.reshape(batch, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class _ProbedLinear(nn.Module):
