@@ -138,7 +138,9 @@ def run(config: EntkBenchConfig) -> list[Row]:
     warm = {name: prompts[:1] for name, prompts in list(groups.items())[:2]}
     for method in [m for m in ("exact", "fd") if m in config.methods]:
         entk_matrix(model, None, warm, method=method, **settings)  # warm-up: kernels, allocator
-        seconds, result = timed(lambda method=method: entk_matrix(model, None, groups, method=method, **settings), device)
+        seconds, result = timed(
+            lambda method=method: entk_matrix(model, None, groups, method=method, **settings), device
+        )
         exact = result.normalized if method == "exact" else exact
         metrics = {} if exact is None else {"max_rel_diff_vs_exact": max_rel_diff(result.normalized, exact)}
         rows.append(results.add(row(method, case, seconds, n * n, metrics, reference_ms)))

@@ -92,7 +92,9 @@ def encode(prompt: torch.Tensor | str, tokenizer, name: str) -> torch.Tensor:
         check_chat_template(tokenizer, type(tokenizer).__name__)
         return torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype != torch.long or prompt.numel() == 0:
-        got = f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        got = type(prompt).__name__
+        if isinstance(prompt, torch.Tensor):
+            got = f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}"
         raise ValueError(f"{name} must be a non-empty 1-D LongTensor of token ids or a string, got {got}")
     return prompt
 

@@ -90,7 +90,9 @@ def read_prompts(path: Path, group: str) -> list[str]:
         try:
             prompts.append(str(json.loads(line)["prompt"]))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"--group {group}: {path} line {number} is not JSON with a 'prompt' field ({exc})") from exc
+            raise ValueError(
+                f"--group {group}: {path} line {number} is not JSON with a 'prompt' field ({exc})"
+            ) from exc
     if not prompts:
         raise ValueError(f"--group {group}: {path} has no prompts")
     return prompts
@@ -105,7 +107,9 @@ def load(args: argparse.Namespace, prompts: list[str]):
 
         tokenizer = tiny_tokenizer(prompts)
         attn = "sdpa" if args.attn == "auto" else args.attn
-        model = tiny_model(tokenizer, hidden_size=64, layers=4, dtype=resolve_dtype(args.dtype), attn_implementation=attn)
+        model = tiny_model(
+            tokenizer, hidden_size=64, layers=4, dtype=resolve_dtype(args.dtype), attn_implementation=attn
+        )
         return model.to(device), tokenizer
     model, tokenizer = load_model_and_tokenizer(
         args.model, dtype=args.dtype, attn_implementation=args.attn, device=device

@@ -147,7 +147,8 @@ def _fd_column(
     """K(target, source)[rows, token] ≈ J(target)·∇z_token(source) by a central difference."""
     leaves = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
     with torch.enable_grad():
-        grads = torch.autograd.grad(_last_logits(model, leaves, source)[token], list(leaves.values()), allow_unused=True)
+        logit = _last_logits(model, leaves, source)[token]
+        grads = torch.autograd.grad(logit, list(leaves.values()), allow_unused=True)
     w = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(theta.items(), grads)}
     with torch.no_grad():
         plus = _last_logits(model, {n: theta[n] + eps * w[n] for n in theta}, target)
