@@ -80,6 +80,19 @@ def test_resumes_from_saved_generations(tmp_path, model, tokenizer, monkeypatch)
         evaluate(model, tokenizer, changed, config, out_dir=tmp_path)
 
 
+def test_separability_and_its_figure(tmp_path, model, tokenizer):
+    config = EvalConfig(max_new_tokens=2, refusal_probability=False, separability="mixed", progress=False)
+    run = evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    accuracies = run["separability"]["accuracy_per_layer"]
+    assert run["separability"]["benchmark"] == "mixed" and len(accuracies) == model.config.num_hidden_layers + 1
+    assert all(0.6 <= a <= 1.0 for a in accuracies)  # 3 vs 2 prompts: any partition matches >= 3 of 5
+    report = write_report(tmp_path, {"tiny": run})
+    assert (tmp_path / report["figures"]["tiny/mds"]).read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny | mixed | " in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="separability names 'xstest'"):
+        evaluate(model, tokenizer, BENCHMARKS, EvalConfig(separability="xstest"))
+
+
 def test_bad_input(model, tokenizer):
     with pytest.raises(ValueError, match="benchmarks is empty"):
         evaluate(model, tokenizer, {}, CONFIG)

@@ -12,6 +12,7 @@ command resumes.
 from __future__ import annotations
 
 import argparse
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,14 +34,15 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=_DTYPES)
     defaults = EvalConfig()
+    hints = typing.get_type_hints(EvalConfig)
     for field in fields(EvalConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            kind = str if field.name == "system_prompt" else int
-            parser.add_argument(flag, type=kind, default=default)
+            hint = hints[field.name]
+            parser.add_argument(flag, type=int if int in (hint, *typing.get_args(hint)) else str, default=default)
     parser.set_defaults(func=run)
 
 

@@ -25,6 +25,7 @@ from dcr_fast.evaluation.generation import GenerationConfig, generate
 from dcr_fast.evaluation.refusal import Judge, RefusalFilter, compliance_rate, defense_success, is_refusal
 from dcr_fast.evaluation.refusal_prob import refusal_probability
 from dcr_fast.evaluation.report import atomic_write_text
+from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states, plot_mds
 
 
 @dataclass
@@ -37,6 +38,7 @@ class EvalConfig:
     refusal_probability: bool = True
     refusal_batch_size: int = 4
     limit: int | None = None  # first N prompts of each benchmark, for quick runs
+    separability: str | None = None  # a benchmark mixing toxic and other prompts, e.g. "xstest"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -57,6 +59,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model` on named prompt sets; returns the run's record for `write_report`.
 
+    With `config.separability` naming one of the benchmarks, the per-layer k-means +
+    Hungarian accuracy of toxic vs other prompts is added as `separability`, and its MDS
+    picture is drawn under `out_dir/figures/` (listed in `figures`).
+
     Keys: `compliance` {benchmark: rate} and `defense_success` {benchmark: rate} (only the
     benchmarks holding such prompts), `defense_success_mean`, `refusal_probability`
     {benchmark: {category: mean P_refuse}}, `counts` {benchmark: {category: n}}, `judge`
@@ -66,6 +72,9 @@ def evaluate(
     judge = judge or RefusalFilter()
     if not benchmarks:
         raise ValueError("benchmarks is empty: give at least one named prompt set")
+    if config.separability is not None and config.separability not in benchmarks:
+        raise ValueError(f"separability names {config.separability!r}, which is not among the benchmarks "
+                         f"{sorted(benchmarks)}")
     for name, prompts in benchmarks.items():
         if not prompts:
             raise ValueError(f"benchmark {name!r} has no prompts")
@@ -92,11 +101,28 @@ def evaluate(
                 category: float(probs[[i for i, p in enumerate(prompts) if p.category == category]].mean())
                 for category in run["counts"][name]
             }
+    if config.separability is not None:
+        run.update(_separability(model, tokenizer, config, list(benchmarks[config.separability])[: config.limit],
+                                 out_dir))
     defenses = list(run["defense_success"].values())
     run["defense_success_mean"] = sum(defenses) / len(defenses) if defenses else None
     run["judge"] = judge.name
     run["settings"] = asdict(config)
     return run
+
+
+def _separability(model, tokenizer, config: EvalConfig, prompts: list[Prompt],
+                  out_dir: str | Path | None) -> dict[str, Any]:
+    labels = ["toxic" if p.category == TOXIC else "not toxic" for p in prompts]
+    hidden = last_token_hidden_states(model, tokenizer, [p.text for p in prompts], batch_size=config.batch_size,
+                                      system_prompt=config.system_prompt, progress=config.progress)
+    accuracies = [kmeans_hungarian_accuracy(layer, labels) for layer in hidden]
+    result: dict[str, Any] = {"separability": {"benchmark": config.separability, "accuracy_per_layer": accuracies}}
+    if out_dir is not None:
+        path = plot_mds(hidden, labels, Path(out_dir) / "figures" / f"mds_{config.separability}.png",
+                        accuracies=accuracies)
+        result["figures"] = {"mds": str(path.relative_to(out_dir))}
+    return result
 
 
 def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: GenerationConfig,

@@ -32,11 +32,10 @@ def write_report(out_dir: str | Path, runs: Mapping[str, Mapping[str, Any]],
         "compliance": plot_rates(runs, "compliance", out / "figures" / "compliance.png"),
         "defense_success": plot_rates(runs, "defense_success", out / "figures" / "defense_success.png"),
     }
-    report = {
-        "runs": {name: dict(run) for name, run in runs.items()},
-        "settings": dict(settings or {}),
-        "figures": {key: str(path.relative_to(out)) for key, path in figures.items() if path is not None},
-    }
+    listed = {key: str(path.relative_to(out)) for key, path in figures.items() if path is not None}
+    listed.update({f"{name}/{key}": path for name, run in runs.items() for key, path in run.get("figures", {}).items()})
+    report = {"runs": {name: dict(run) for name, run in runs.items()}, "settings": dict(settings or {}),
+              "figures": listed}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "report.md", report_markdown(report, notes))
     return report
@@ -64,6 +63,14 @@ def report_markdown(report: Mapping[str, Any], notes: str = "") -> str:
                         OVER_REFUSAL_ORDER + SAFETY_ORDER)
         lines += _table(["run", *keys],
                         [[name, *(_fmt(_lookup(p, k), ".3g") for k in keys)] for name, p in probs.items()])
+    layers = {name: run["separability"] for name, run in runs.items() if run.get("separability")}
+    if layers:
+        lines += ["", "Separability of toxic vs other prompts per layer (k-means + Hungarian accuracy; "
+                  "0.5 is chance for balanced sets).", ""]
+        depth = max(len(s["accuracy_per_layer"]) for s in layers.values())
+        lines += _table(["run", "benchmark", *(f"L{i}" for i in range(depth))],
+                        [[name, s["benchmark"], *(_fmt(a) for a in s["accuracy_per_layer"])]
+                         for name, s in layers.items()])
     lines += ["", "## Judges", ""]
     lines += [f"- {name}: compliance by the XSTest string-match rule; defense by {run.get('judge', 'n/a')}"
               for name, run in runs.items()]
