@@ -201,11 +201,8 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
 
 
 def _response_tokens_per_step(plan, examples: list[Example]) -> list[int]:
-    counts = []
-    for micro_batches in plan:
-        n = sum(t != IGNORE_INDEX for _, indices in micro_batches for i in indices for t in examples[i].targets)
-        counts.append(max(n, 1))
-    return counts
+    per_example = [sum(t != IGNORE_INDEX for t in e.targets) for e in examples]
+    return [max(1, sum(per_example[i] for _, indices in micro_batches for i in indices)) for micro_batches in plan]
 
 
 _DATA_FIELDS = ("data", "safety_data", "aug_data")
