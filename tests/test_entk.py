@@ -217,3 +217,21 @@ def test_tail_mixing_sliding_and_full_attention_is_rejected():
     assert tail_spec(model, 2).layer_indices == (2, 3)
     with pytest.raises(ValueError, match="mixes attention types"):
         tail_spec(model, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["exact", "fd-reference"])
+def test_cuda_blocks_match_the_cpu_oracle(dtype, method):
+    model = tiny("llama-bias-untied", dtype=dtype)
+    oracle_model = copy.deepcopy(model).double()
+    x_prime, x = prompts(seed=2, lengths=(9, 5))
+    block = entk_block(model.cuda(), x_prime, x, k=5, tail_layers=3, method=method)
+    so, su = block.So.cpu(), block.Su.cpu()
+    with float64_exact():
+        spec = tail_spec(oracle_model, 3, True)
+        K, K_self, _, _ = jacobian_block(oracle_model, spec, x_prime, x, k=5, tokens=(so, su))
+    if method == "exact":
+        assert rel(block.K.cpu(), K) < DTYPE_RTOL[dtype] and rel(block.K_self.cpu(), K_self) < DTYPE_RTOL[dtype]
+    elif dtype == torch.float32:  # fd-reference perturbs in the model dtype: bf16 is rounding noise
+        assert rel(block.K.cpu(), K) < 5e-2 and rel(block.K_self.cpu(), K_self) < 5e-2

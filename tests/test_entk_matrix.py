@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -121,3 +122,11 @@ def test_resume_after_crash_skips_finished_chunks(model, tokenizer, exact, tmp_p
 def test_bad_input(model, tokenizer, groups, kwargs, match):
     with pytest.raises(ValueError, match=match):
         entk_matrix(model, tokenizer, groups, progress=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_matrix_on_cuda_matches_cpu(model, tokenizer, exact, offload):
+    gpu_model = copy.deepcopy(model).cuda()
+    result = entk_matrix(gpu_model, tokenizer, GROUPS, chunk_size=3, offload_features=offload, **SETTINGS)
+    np.testing.assert_allclose(result.normalized, exact.normalized, rtol=1e-9)
