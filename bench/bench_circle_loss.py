@@ -36,20 +36,21 @@ import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from bench.common import (
     RESULTS_DIR,
+    Candidate,
     ResultsFile,
     Row,
     add_config_arguments,
     config_from_args,
     format_table,
-    measure,
+    measure_side_by_side,
     release_memory,
     render_table,
     skipped,
@@ -161,17 +162,23 @@ def run(config: CircleBenchConfig) -> list[Row]:
         x, labels = _inputs(B, d, DTYPES[dtype], device, config)
         errors = _check_errors(x, labels, plan.impls, config) if config.check else {}
         for mode in plan.modes:
+            candidates, skip_reasons = [], {}
+            for impl in plan.impls:
+                candidate = gave_up.get((impl, mode, d, dtype)) or _candidate(impl, mode, x, labels, device, config)
+                if isinstance(candidate, str):
+                    skip_reasons[impl] = candidate
+                else:
+                    candidates.append(candidate)
+            measured = {r.impl: r for r in measure_side_by_side(
+                candidates, bench=BENCH, mode=mode, case=case, device=device, budget_s=config.budget_s)}
             case_rows = []
             for impl in plan.impls:
-                key = (impl, mode, d, dtype)
-                if key in gave_up:
-                    row = skipped(bench=BENCH, impl=impl, mode=mode, case=case, reason=gave_up[key])
-                else:
-                    row = _measure_impl(impl, mode, x, labels, case, device, config)
-                    if row.status == "oom":
-                        gave_up[key] = f"oom at smaller B={B}"
-                    elif row.ok and row.ms_median > 1e3 * config.max_call_s:
-                        gave_up[key] = f"slower than max_call_s={config.max_call_s} at B={B}"
+                row = measured.get(impl) or skipped(bench=BENCH, impl=impl, mode=mode, case=case,
+                                                    reason=skip_reasons.get(impl, ""))
+                if row.status == "oom":
+                    gave_up[(impl, mode, d, dtype)] = f"oom at smaller B={B}"
+                elif row.ok and row.ms_median > 1e3 * config.max_call_s:
+                    gave_up[(impl, mode, d, dtype)] = f"slower than max_call_s={config.max_call_s} at B={B}"
                 row.metrics.update(errors.get(impl, {}))
                 case_rows.append(row)
             _add_ratios(case_rows, B, d, mode)
@@ -308,28 +315,24 @@ def _inputs(B: int, d: int, dtype: torch.dtype, device: torch.device,
     return x, labels
 
 
-def _measure_impl(impl: str, mode: str, x: torch.Tensor, labels: torch.Tensor, case: dict[str, Any],
-                  device: torch.device, config: CircleBenchConfig) -> Row:
-    common = {"bench": BENCH, "impl": impl, "mode": mode, "case": case}
+def _candidate(impl: str, mode: str, x: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               config: CircleBenchConfig) -> Candidate | str:
+    """One call of ``impl`` in ``mode`` on these inputs, or why it is skipped."""
     if impl == "matmul":
         x_hat = torch.nn.functional.normalize(x, dim=1)
-        return measure(lambda: unavoidable_products(x_hat, mode), device=device, budget_s=config.budget_s, **common)
+        return Candidate(impl, lambda: unavoidable_products(x_hat, mode))
     loss_fn = loss_function(impl, config, device)
     if isinstance(loss_fn, str):
-        return skipped(reason=loss_fn, **common)
+        return loss_fn
     if mode == "fwd":
-        def step() -> torch.Tensor:
-            return loss_fn(x, labels)
-        leaves = ()
-    else:
-        leaf = x.detach().requires_grad_(True)
+        return Candidate(impl, lambda: loss_fn(x, labels))
+    leaf = x.detach().requires_grad_(True)
 
-        def step() -> torch.Tensor:
-            loss = loss_fn(leaf, labels)
-            loss.backward()
-            return loss
-        leaves = (leaf,)
-    return measure(step, device=device, grad_to_none=leaves, budget_s=config.budget_s, **common)
+    def step() -> torch.Tensor:
+        loss = loss_fn(leaf, labels)
+        loss.backward()
+        return loss
+    return Candidate(impl, step, (leaf,))
 
 
 def _check_errors(x: torch.Tensor, labels: torch.Tensor, impls: tuple[str, ...],

@@ -9,7 +9,9 @@ leaves what it measured and older runs on the same device are kept beside newer 
 
 Timing. CUDA: ``triton.testing.do_bench`` (it synchronizes, flushes L2 between calls and
 returns quantiles). CPU: ``time.perf_counter`` around each call after a warm-up, repeated
-until a time budget is spent. Both give median, 20th and 80th percentiles in milliseconds.
+until a time budget is spent; :func:`measure_side_by_side` interleaves the calls of several
+implementations so that a shared machine's changing load does not bias their ratios. Both
+give median, 20th and 80th percentiles in milliseconds.
 
 Peak memory is the extra memory one call needs above what was allocated before it
 (inputs excluded; outputs, saved activations and gradients included). CUDA: from
@@ -47,9 +49,10 @@ import time
 import types
 import typing
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -126,10 +129,73 @@ def measure(
             row.peak_mb = peak_memory_mb(fn, device, grad_to_none=grad_to_none)
         timing = time_fn(fn, device, grad_to_none=grad_to_none, budget_s=budget_s)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, OOM is told apart
-        release_memory(device)
-        row.status = "oom" if is_oom(exc) else "error"
-        row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        return row
+        return _failed(row, exc, device)
+    return _timed(row, timing, device)
+
+
+@dataclass
+class Candidate:
+    """One implementation to measure side by side: its name, one call, leaves to clear."""
+
+    impl: str
+    fn: Callable[[], Any]
+    grad_to_none: Sequence[torch.Tensor] = ()
+
+
+def measure_side_by_side(
+    candidates: Sequence[Candidate],
+    *,
+    bench: str,
+    mode: str,
+    case: dict[str, Any],
+    device: torch.device,
+    budget_s: float = 1.0,
+    min_repeats: int = 3,
+    max_repeats: int = 1000,
+) -> list[Row]:
+    """Rows for several implementations of one case, measured so that their ratios are fair.
+
+    CUDA: each in turn with :func:`measure` (the GPU is not shared). CPU: the memory call of
+    each doubles as its warm-up, then the timed calls go round-robin, one call of every
+    implementation per round, so a change in the load of a shared machine falls on all of
+    them alike; rounds go on until ``budget_s`` per implementation is spent (at least
+    ``min_repeats`` rounds).
+    """
+    common = {"bench": bench, "mode": mode, "case": case, "device": device, "budget_s": budget_s}
+    if device.type == "cuda":
+        return [measure(c.fn, impl=c.impl, grad_to_none=c.grad_to_none, **common) for c in candidates]
+    rows = {c.impl: Row(bench=bench, impl=c.impl, mode=mode, case=dict(case)) for c in candidates}
+    live = []
+    for c in candidates:
+        try:
+            rows[c.impl].peak_mb = peak_memory_mb(c.fn, device, grad_to_none=c.grad_to_none)
+            live.append(c)
+        except Exception as exc:  # noqa: BLE001 - recorded in the row
+            _failed(rows[c.impl], exc, device)
+    times: dict[str, list[float]] = {c.impl: [] for c in live}
+    start, rounds = time.perf_counter(), 0
+    while live and rounds < max_repeats and (
+            rounds < min_repeats or time.perf_counter() - start < budget_s * len(candidates)):
+        for c in list(live):
+            try:
+                times[c.impl].append(_timed_call(c.fn, c.grad_to_none))
+            except Exception as exc:  # noqa: BLE001 - recorded in the row
+                _failed(rows[c.impl], exc, device)
+                live.remove(c)
+        rounds += 1
+    for c in live:
+        _timed(rows[c.impl], _quantiles(times[c.impl]), device)
+    return [rows[c.impl] for c in candidates]
+
+
+def _failed(row: Row, exc: Exception, device: torch.device) -> Row:
+    release_memory(device)
+    row.status = "oom" if is_oom(exc) else "error"
+    row.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return row
+
+
+def _timed(row: Row, timing: Timing, device: torch.device) -> Row:
     row.ms_median, row.ms_p20, row.ms_p80, row.repeats = timing.median, timing.p20, timing.p80, timing.repeats
     if device.type == "cpu":
         row.metrics["load_avg_1m"] = os.getloadavg()[0]  # other jobs on a shared machine skew CPU timings
@@ -159,16 +225,17 @@ def time_fn(
         )
         return Timing(median=med, p20=p20, p80=p80, repeats=None)  # do_bench chooses and hides it
 
-    def call() -> float:
-        _clear_grads(grad_to_none)
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    first = call()  # warm-up, also the cost estimate
+    first = _timed_call(fn, grad_to_none)  # warm-up, also the cost estimate
     repeats = int(min(max_repeats, max(min_repeats, budget_s * 1e3 / max(first, 1e-3))))
-    times = [call() for _ in range(repeats)]
-    return _quantiles(times)
+    return _quantiles([_timed_call(fn, grad_to_none) for _ in range(repeats)])
+
+
+def _timed_call(fn: Callable[[], Any], grad_to_none: Sequence[torch.Tensor]) -> float:
+    """Milliseconds of one call of ``fn`` on the CPU, its leaves' gradients cleared first."""
+    _clear_grads(grad_to_none)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def peak_memory_mb(

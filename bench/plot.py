@@ -19,10 +19,10 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+matplotlib.use("Agg")  # before pyplot is imported: files only, no display
+import matplotlib.pyplot as plt
 
-from bench.common import Row, load_results, rows_of  # noqa: E402
+from bench.common import Row, load_results, rows_of
 
 
 def plot_file(path: Path, x_key: str, out_dir: Path, all_runs: bool = False) -> list[Path]:

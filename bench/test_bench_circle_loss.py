@@ -217,3 +217,21 @@ def test_cli_passes_other_benches_their_own_flags() -> None:
     name = others[0].removeprefix("bench_").replace("_", "-")
     args = build_parser().parse_args(["bench", name, "--help", "--device", "cuda"])
     assert args.argv == ["--help", "--device", "cuda"] and callable(args.func)
+
+
+def test_side_by_side_interleaves_and_records_failures() -> None:
+    from bench.common import Candidate, measure_side_by_side
+
+    calls = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    def runs_out(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")
+
+    rows = measure_side_by_side([Candidate("a", make("a")), Candidate("oom", runs_out), Candidate("b", make("b"))],
+                                bench="t", mode="fwd", case={"B": 1}, device=torch.device("cpu"), budget_s=0.001)
+    assert [(r.impl, r.status) for r in rows] == [("a", "ok"), ("oom", "oom"), ("b", "ok")]
+    assert rows[0].repeats == rows[2].repeats >= 3
+    assert calls[2:] == ["a", "b"] * rows[0].repeats  # after one memory call each, round-robin
