@@ -10,9 +10,9 @@
 #   setup    pip install --no-build-isolation --no-deps -e . (builds dcr_fast._C with CUDA for
 #            TORCH_CUDA_ARCH_LIST, default 9.0); installs wheels carried in .whl/ first
 #            (pytorch-metric-learning is not in the GPU image: see bench/README.md)
-#   targets  Circle loss at the three target cases (bf16, fwd+bwd; torch.compile of the
-#            reference too) and the verdict table
+#   targets  Circle loss at the three target cases (bf16, fwd+bwd) and the verdict table
 #   tests    pytest -m gpu over tests/ and bench/
+#   compile  torch.compile of the reference beside the fused kernel at B=16,384, d=128 and 4,096
 #   others   every other bench/bench_*.py (entk, sft, refusal_prob, ...) with --gpu or
 #            --device cuda, whichever it takes, sharing the stage's time
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_session_out}
 BUDGET_S=${GPU_SESSION_BUDGET_S:-570}
-STAGES=${*:-setup targets tests others sweep}
+STAGES=${*:-setup targets tests compile others sweep}
 START=$(date +%s)
 LOGS=$(mktemp -d)
 STAMP=$(mktemp)  # results JSON newer than this were written by this session
@@ -85,12 +85,14 @@ export -f setup circle others
 for s in $STAGES; do
   case $s in
     setup)   stage setup 240 setup ;;
-    targets) stage targets 180 circle --preset targets --impls matmul triton torch compile pml --budget-s 0.5 ;;
+    targets) stage targets 180 circle --preset targets --budget-s 0.5 ;;
     tests)   stage tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests bench ;;
+    compile) stage compile 150 circle --batch-sizes 16384 --dims 128 4096 --dtypes bfloat16 --modes fwd+bwd \
+               --impls matmul triton torch compile --budget-s 0.5 ;;
     others)  stage others 240 others ;;
     sweep)   stage sweep 600 circle --preset gpu --impls matmul triton torch pml --budget-s 0.3 \
                --max-minutes "$(awk -v s="$(left)" 'BEGIN { print (s - 45) / 60 }')" ;;
-    *)       echo "unknown stage $s (setup targets tests others sweep)"; exit 2 ;;
+    *)       echo "unknown stage $s (setup targets tests compile others sweep)"; exit 2 ;;
   esac
 done
 collect
