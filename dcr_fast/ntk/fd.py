@@ -137,18 +137,8 @@ class _ProbeEngine:
         n_queries = queries.batch_size
         # Row b of the batch is query b % n' under direction b // n'.
         batch = queries.select(torch.arange(n_queries).repeat(2 * n_dir))
-        rows = torch.arange(batch.batch_size, device=batch.hidden.device)
         with self._probing(probe_rows, scale, n_queries):
-            hidden = batch.hidden
-            for n, i in enumerate(self.spec.layer_indices):
-                layer = self.base.layers[i]
-                if n == len(self.spec.layer_indices) - 1 and _last_position_supported(layer, batch.layer_kwargs):
-                    hidden = _last_position_layer(layer, hidden, batch.layer_kwargs, batch.last_index)[:, None]
-                    batch.last_index = torch.zeros_like(batch.last_index)
-                    break
-                out = layer(hidden, **batch.layer_kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-        last = hidden[rows, batch.last_index]
+            last = self._last_hidden(batch)
         h = functional_call(self.base.norm, self.final_norm, (last,)).reshape(2 * n_dir, n_queries, -1)
         z = torch.einsum("pqd,qjd->pqj", h, self.head_weight[query_tokens])
         if self.spec.include_lm_head:
@@ -158,6 +148,17 @@ class _ProbeEngine:
             z = z + hits * (scale[:, None] * (h * head[:, None, :]).sum(-1))[:, :, None]
         diff = (z[:n_dir] - z[n_dir:]) / (2 * eps)  # (c·k, n', k')
         return diff.reshape(c, k, n_queries, -1).permute(2, 0, 3, 1)
+
+    def _last_hidden(self, batch: PrefixCache) -> torch.Tensor:
+        """The tail layers' output at each row's last position, (B, d)."""
+        hidden = batch.hidden
+        layers = [self.base.layers[i] for i in self.spec.layer_indices]
+        for n, layer in enumerate(layers):
+            if n == len(layers) - 1 and _last_position_supported(layer, batch.layer_kwargs):
+                return _last_position_layer(layer, hidden, batch.layer_kwargs, batch.last_index)
+            out = layer(hidden, **batch.layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index]
 
     @contextlib.contextmanager
     def _probing(self, probe_rows: slice, scale: torch.Tensor, n_queries: int) -> Iterator[None]:
