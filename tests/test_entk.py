@@ -235,3 +235,16 @@ def test_cuda_blocks_match_the_cpu_oracle(dtype, method):
         assert rel(block.K.cpu(), K) < DTYPE_RTOL[dtype] and rel(block.K_self.cpu(), K_self) < DTYPE_RTOL[dtype]
     elif dtype == torch.float32:  # fd-reference perturbs in the model dtype: bf16 is rounding noise
         assert rel(block.K.cpu(), K) < 5e-2 and rel(block.K_self.cpu(), K_self) < 5e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen2-tied", "llama-bias-untied"])
+def test_exact_with_the_final_norm_in_theta(arch):
+    model = tiny(arch)
+    spec = tail_spec(model, 1, True, include_final_norm=True)
+    assert f"{spec.base_prefix}.norm.weight" in spec.param_names
+    x_prime, x = prompts(seed=7)
+    with float64_exact():
+        K, K_self, so, su = jacobian_block(model, spec, x_prime, x, k=4)
+        K_exact, K_self_exact, so_exact, su_exact = exact_block(model, spec, x_prime, x, k=4)
+    assert torch.equal(so, so_exact) and torch.equal(su, su_exact)
+    assert rel(K_exact, K) < EXACT_RTOL and rel(K_self_exact, K_self) < EXACT_RTOL

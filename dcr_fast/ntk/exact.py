@@ -8,7 +8,8 @@ over the parameters of θ_S of three kinds of terms:
   multiplied elementwise ("ghost"), or, when prompts are long, the per-probe gradients
   materialized (by a multiply-add count, :func:`materialize_rule`; R = the rows kept);
   the bias contributes (Σ_t δ_{j,t})·(Σ_s δ'_{i,s});
-* the RMSNorm weights inside the tail: small, their per-probe gradients are materialized;
+* the RMSNorm weights inside the tail (and the final norm's, with ``include_final_norm``):
+  small, their per-probe gradients are materialized;
 * the output projection (lm_head), in closed form: z = W h gives
   ⟨∇_W z_a(x_p), ∇_W z_b(x_q)⟩ = [a = b] (h_p·h_q), h the final-normed last hidden state.
   With tied embeddings only this use is in θ_S (the lookup is in the frozen prefix).
@@ -116,10 +117,12 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
     copies = cache.select(rows)
     linears, norms = _tail_modules(model, spec)
     params = tail_parameters(model, spec)
-    # Each probe gets its own copy of every norm weight, broadcast over positions, so autograd
-    # hands back per-probe gradients instead of their sum.
+    # Each probe gets its own copy of every norm weight, broadcast over positions (the final
+    # norm sees only the last position), so autograd hands back per-probe gradients.
+    final_norm = f"{spec.base_prefix}.norm.weight"
     norm_params = {
-        name: params[name].expand(n * k, 1, -1).clone().requires_grad_(True) for name in norms
+        name: params[name].expand(n * k, *(() if name == final_norm else (1,)), -1).clone().requires_grad_(True)
+        for name in norms
     }
     params.update(norm_params)
 
@@ -215,13 +218,12 @@ def _tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear
         if module_name in linears or module_name == spec.lm_head_name:
             continue
         module = model.get_submodule(module_name)
-        if attr != "weight" or not hasattr(module, "variance_epsilon"):
+        hidden = getattr(model.config, "hidden_size", None)
+        if attr != "weight" or not hasattr(module, "variance_epsilon") or module.weight.shape != (hidden,):
             raise ValueError(
-                f"the exact eNTK supports linear layers and RMSNorm weights in θ_S; "
+                f"the exact eNTK supports linear layers and hidden-size RMSNorm weights in θ_S; "
                 f"{name} ({type(module).__name__}) is neither"
             )
-        if module_name == f"{spec.base_prefix}.norm":
-            raise ValueError("the exact eNTK does not support the final norm in θ_S (include_final_norm)")
         norms.append(name)
     return linears, norms
 
