@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close
 from dcr_fast.evaluation.refusal_prob import (
     REFUSAL_SET,
+    _token_log_probs,
     candidate_log_probs,
     candidate_log_probs_reference,
     refusal_probability,
@@ -77,6 +78,18 @@ def test_probability_is_a_sum_of_sequence_probabilities(tokenizer):
     reference = candidate_log_probs_reference(model, tokenizer, PROMPTS[:2], progress=False).exp().sum(-1)
     assert_close(probs, reference, rtol=1e-11, atol=0, what="P_refuse")
     assert ((probs > 0) & (probs < 1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_equals_one_pass(dtype):
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=False).to(dtype)
+    hidden = torch.randn(11, 16, generator=generator).to(dtype)
+    targets = torch.randint(37, (11, 3), generator=generator)
+    with torch.no_grad():
+        chunked = _token_log_probs(head, hidden, targets, budget=37 * 4)  # chunks of 4, 4, 3 rows
+        expected = head(hidden).float().log_softmax(-1).gather(-1, targets).double()
+    assert_close(chunked, expected, rtol=1e-6, atol=1e-6, what=f"chunked log-probs {dtype}")
 
 
 def test_bad_input(tokenizer):

@@ -36,7 +36,7 @@ class EvalConfig:
     batch_size: int = 16
     system_prompt: str | None = None
     refusal_probability: bool = True
-    refusal_batch_size: int = 4
+    refusal_batch_size: int = 8
     limit: int | None = None  # first N prompts of each benchmark, for quick runs
     separability: str | None = None  # a benchmark mixing toxic and other prompts, e.g. "xstest"
     progress: bool = True

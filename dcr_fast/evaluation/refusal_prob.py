@@ -76,7 +76,7 @@ def refusal_probability(
     prompts: Sequence[str],
     candidates: Sequence[str] = REFUSAL_SET,
     *,
-    batch_size: int = 4,
+    batch_size: int = 8,
     system_prompt: str | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -93,7 +93,7 @@ def candidate_log_probs(
     prompts: Sequence[str],
     candidates: Sequence[str] = REFUSAL_SET,
     *,
-    batch_size: int = 4,
+    batch_size: int = 8,
     system_prompt: str | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -210,13 +210,15 @@ class _CandidateTree:
 
 
 def _token_log_probs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk: int = 4096) -> torch.Tensor:
+                     budget: int = 2**26) -> torch.Tensor:
     """log softmax(head(hidden[m]))[targets[m, j]] for hidden [M, d], targets [M, J], as float64.
 
-    Positions go through the head a chunk at a time, so only chunk × vocabulary logits exist
-    at once; the normalizer is taken in float32 or better (bf16/fp16 logits are up-cast).
+    Positions go through the head a chunk at a time, so that at most `budget` logits (256 MB
+    in float32) exist at once whatever the vocabulary; the normalizer is taken in float32 or
+    better (bf16/fp16 logits are up-cast).
     """
     out = torch.empty(targets.shape, dtype=torch.float64, device=hidden.device)
+    chunk = max(1, budget // head.weight.shape[0])
     for begin in range(0, hidden.shape[0], chunk):
         logits = head(hidden[begin : begin + chunk])
         if logits.dtype not in (torch.float32, torch.float64):
