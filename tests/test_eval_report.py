@@ -1,7 +1,6 @@
 """evaluate(): rates from the generated responses, judge choice, resumable generations;
 write_report(): Table-1 markdown, JSON, figures; the `dcr-fast eval` module; the SFT tracker."""
 
-import argparse
 import json
 import types
 
@@ -10,7 +9,7 @@ import pytest
 import dcr_fast.evaluation.harness as harness
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC, Prompt
 from dcr_fast.evaluation import EvalConfig, evaluate, is_refusal, write_report
-from dcr_fast.evaluation import cli as eval_cli
+from dcr_fast.cli import build_parser
 from dcr_fast.evaluation.refusal_prob import REFUSAL_SET
 from dcr_fast.evaluation.report import report_markdown
 from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
@@ -127,9 +126,7 @@ def test_report_files_and_table1_layout(tmp_path):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    eval_cli.register(parser.add_subparsers())
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)  # the real `dcr-fast` parser, with `eval` registered
 
 
 def test_cli_end_to_end(tmp_path, model, tokenizer):

@@ -31,18 +31,20 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--guard", default=None, help="guard model path for defense success (default: refusal filter)")
     parser.add_argument("--run-name", default=None, help="row name in the report (default: the model path's name)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=_DTYPES)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: as saved)")
     defaults = EvalConfig()
     hints = typing.get_type_hints(EvalConfig)
     for field in fields(EvalConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        help_text = f"{field.metadata['help']} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             hint = hints[field.name]
-            parser.add_argument(flag, type=int if int in (hint, *typing.get_args(hint)) else str, default=default)
+            kind = int if int in (hint, *typing.get_args(hint)) else str
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
     parser.set_defaults(func=run)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,15 @@ from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_tok
 class EvalConfig:
     """Evaluation settings; the CLI's flags mirror these fields."""
 
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    system_prompt: str | None = None
-    refusal_probability: bool = True
-    refusal_batch_size: int = 8
-    limit: int | None = None  # first N prompts of each benchmark, for quick runs
-    separability: str | None = None  # a benchmark mixing toxic and other prompts, e.g. "xstest"
-    progress: bool = True
+    max_new_tokens: int = field(default=64, metadata={"help": "greedy tokens per response"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system message before each prompt"})
+    refusal_probability: bool = field(default=True, metadata={"help": "also measure P_refuse (appendix A.5)"})
+    refusal_batch_size: int = field(default=8, metadata={"help": "prompts per refusal-probability pass"})
+    limit: int | None = field(default=None, metadata={"help": "first N prompts of each benchmark (quick runs)"})
+    separability: str | None = field(default=None, metadata={
+        "help": "a benchmark mixing toxic and other prompts (e.g. xstest): per-layer separability + MDS figure"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
