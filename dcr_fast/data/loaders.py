@@ -124,8 +124,9 @@ def read_instruction_lists(path: Path) -> list[Row]:
     data = read_json(path)
     if not isinstance(data, dict) or "instructions" not in data:
         raise ValueError(f"{path}: expected a JSON object with an 'instructions' list")
-    tags = data.get("tags") or [None] * len(data["instructions"])
-    return [{"instruction": text, "tag": tag} for text, tag in zip(data["instructions"], tags)]
+    if data.get("tags"):
+        return [{"instruction": text, "tag": tag} for text, tag in zip(data["instructions"], data["tags"])]
+    return [{"instruction": text} for text in data["instructions"]]
 
 
 def read_json_list(path: Path) -> list[Row]:
@@ -265,14 +266,6 @@ def _parse_examples(category: str):
     return parse
 
 
-def _parse_instructions(category: str):
-    def parse(rows: Iterable[Row], source: str) -> list[Prompt]:
-        rows = [{"instruction": r["instruction"], **({"tag": r["tag"]} if r.get("tag") else {})} for r in rows]
-        return _prompts(rows, source, "instruction", category, "tag")
-
-    return parse
-
-
 def parse_advbench(rows: Iterable[Row], source: str) -> list[Prompt]:
     rows = list(rows)
     if rows:
@@ -291,7 +284,7 @@ def _stl_eval(name: str, file: str, category: str, what: str) -> BenchmarkSpec:
         name,
         f"Safety-Tuned LLaMAs evaluation set {file} ({what})",
         read_instruction_lists,
-        _parse_instructions(category),
+        _parse_with("instruction", category, "tag"),
         filename=file,
     )
 
