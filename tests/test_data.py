@@ -211,6 +211,12 @@ def test_bad_label_and_bad_json(tmp_path):
         load_benchmark("q-harm", tmp_path / "list.json")
 
 
+def test_empty_prompt_text(tmp_path):
+    path = _write_csv(tmp_path / "h.csv", "prompt,category", "Fine?,a", ",b")
+    with pytest.raises(ValueError, match="record 2 has an empty 'prompt'"):
+        load_benchmark("orbench-hard", path)
+
+
 def test_empty_set(tmp_path):
     path = _write_csv(tmp_path / "OKTest.csv", "prompt")
     with pytest.raises(ValueError, match="'oktest'.*holds no records"):

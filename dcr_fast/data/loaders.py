@@ -171,16 +171,19 @@ def _prompts(
     subset_columns = [subset_column] if isinstance(subset_column, str) else list(subset_column or ())
     prompts = []
     columns: tuple[str, str | None] | None = None
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         if columns is None:
             text_key = _first_present(row, text_columns, "prompt text")
             subset_key = next((c for c in subset_columns if c in row), None)
             columns = (text_key, subset_key)
         text_key, subset_key = columns
+        text = clean(str(row[text_key] or ""))
+        if not text:
+            raise ValueError(f"record {number} has an empty {text_key!r}")
         subset = row[subset_key] if subset_key else None
         prompts.append(
             Prompt(
-                text=clean(str(row[text_key])),
+                text=text,
                 category=category(row) if callable(category) else category,
                 source=source,
                 subset=str(subset) if subset not in (None, "") else None,
