@@ -112,7 +112,7 @@ class GuardJudge:
         self.name = f"guard model {name}"
         self.batch_size = batch_size
         self.progress = progress
-        self.is_classifier = getattr(model.config, "id2label", None) is not None and _is_classifier(model)
+        self.is_classifier = type(model).__name__.endswith("ForSequenceClassification")
         self.unsafe_index = _unsafe_index(model.config.id2label, unsafe_label) if self.is_classifier else None
 
     @classmethod
@@ -140,6 +140,8 @@ class GuardJudge:
 
     @torch.no_grad()
     def _classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        if self.tokenizer.pad_token is None:  # batches of pairs need one; any id works under the mask
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         unsafe = []
         device = next(self.model.parameters()).device
         for start in range(0, len(prompts), self.batch_size):
@@ -153,10 +155,6 @@ class GuardJudge:
 
 def guard_says_unsafe(verdict: str) -> bool:
     return verdict.lower().strip().startswith("unsafe")
-
-
-def _is_classifier(model: torch.nn.Module) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def _unsafe_index(id2label: dict[int, str], unsafe_label: str | None) -> int:
