@@ -14,8 +14,8 @@ over the parameters of θ_S of three kinds of terms:
   ⟨∇_W z_a(x_p), ∇_W z_b(x_q)⟩ = [a = b] (h_p·h_q), h the final-normed last hidden state.
   With tied embeddings only this use is in θ_S (the lookup is in the frozen prefix).
 
-Per prompt this needs one tail forward and backward over k copies (one per probe token)
-to record a_t and δ_t (:func:`probe_features`); any pair of prompts then costs only the
+Per batch of prompts this needs one tail forward and k backward passes (one per probe
+index) to record a_t and δ_t (:func:`probe_features`); any pair of prompts then costs only the
 contraction (:func:`probe_gram`), which is why ``entk_matrix`` computes features once per
 prompt and contracts them in batches. Rows where δ is zero for every probe are dropped
 (in the last tail layer the MLP, o_proj and q_proj only see the last position).
@@ -109,24 +109,26 @@ def prompt_probes(
 
 
 def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens: torch.Tensor) -> ProbeFeatures:
-    """Record a_t, δ_t, norm gradients and h for each prompt of ``cache`` and each token in ``tokens``."""
+    """Record a_t, δ_t, norm gradients and h for each prompt of ``cache`` and each token in ``tokens``.
+
+    One tail forward over the n prompts, then one backward per probe index j (k in all), each
+    seeding z[p, tokens[p, j]] for every prompt p at once.
+    """
     n, k = tokens.shape
     if n != cache.batch_size:
         raise ValueError(f"tokens must have one row per cached prompt ({cache.batch_size}), got {n}")
-    rows = torch.arange(n, device=tokens.device).repeat_interleave(k)
-    copies = cache.select(rows)
     linears, norms = _tail_modules(model, spec)
     params = tail_parameters(model, spec)
-    # Each probe gets its own copy of every norm weight, broadcast over positions (the final
-    # norm sees only the last position), so autograd hands back per-probe gradients.
+    # Each prompt gets its own copy of every norm weight, broadcast over positions (the final
+    # norm sees only the last position), so autograd hands back per-prompt gradients.
     final_norm = f"{spec.base_prefix}.norm.weight"
     norm_params = {
-        name: params[name].expand(n * k, *(() if name == final_norm else (1,)), -1).clone().requires_grad_(True)
+        name: params[name].expand(n, *(() if name == final_norm else (1,)), -1).clone().requires_grad_(True)
         for name in norms
     }
     params.update(norm_params)
 
-    records: dict[str, dict[str, torch.Tensor]] = {name: {} for name in linears}
+    records: dict[str, dict[str, list[torch.Tensor]]] = {name: {"a": [], "delta": []} for name in linears}
     handles = [module.register_forward_hook(_recorder(records[name])) for name, module in linears.items()]
     head_input: list[torch.Tensor] = []
     if spec.include_lm_head:
@@ -135,30 +137,33 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
         ))
     try:
         with torch.enable_grad():
-            hidden = copies.hidden.detach().requires_grad_(True)
-            z = tail_logits(model, spec, PrefixCache(hidden, copies.layer_kwargs, copies.last_index), params)
-            picked = z.gather(1, tokens.reshape(-1, 1)).sum()
+            hidden = cache.hidden.detach().requires_grad_(True)
+            z = tail_logits(model, spec, PrefixCache(hidden, cache.layer_kwargs, cache.last_index), params)
             # Differentiating w.r.t. the tail's input as well makes every tail linear's
             # cotangent hook fire even when θ_S has no norm weights.
-            grads = torch.autograd.grad(picked, [hidden, *norm_params.values()])[1:]
+            grads = [
+                torch.autograd.grad(
+                    z.gather(1, tokens[:, j : j + 1]).sum(), [hidden, *norm_params.values()], retain_graph=j < k - 1
+                )[1:]
+                for j in range(k)
+            ]
     finally:
         for handle in handles:
             handle.remove()
 
     lengths = cache.lengths
-    features, dense = [], [g.reshape(n, k, -1) for g in grads]
+    features = []
+    dense = [torch.stack([g[i] for g in grads], dim=1).reshape(n, k, -1) for i in range(len(norm_params))]
     for name, module in linears.items():
-        a = records[name]["a"].reshape(n, k, *records[name]["a"].shape[1:])[:, 0]
-        delta = records[name]["delta"].reshape(n, k, *records[name]["delta"].shape[1:])
-        features.append(_drop_zero_rows(a, delta, lengths))
+        delta = torch.stack(records[name]["delta"], dim=1)  # (n, k, T, d_out)
+        features.append(_drop_zero_rows(records[name]["a"][0], delta, lengths))
         if module.bias is not None and f"{name}.bias" in params:
             dense.append(delta.sum(dim=2))
-    dtype = hidden.dtype
     return ProbeFeatures(
         tokens=tokens,
         linears=features,
-        dense=torch.cat(dense, dim=2) if dense else torch.zeros(n, k, 0, dtype=dtype, device=tokens.device),
-        head=head_input[0][::k] if head_input else None,
+        dense=torch.cat(dense, dim=2) if dense else hidden.new_zeros(n, k, 0),
+        head=head_input[0] if head_input else None,
     )
 
 
@@ -228,10 +233,12 @@ def _tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear
     return linears, norms
 
 
-def _recorder(store: dict[str, torch.Tensor]):
+def _recorder(store: dict[str, list[torch.Tensor]]):
+    """Forward hook: keep the layer's input, and its output cotangent at every backward."""
+
     def hook(_module, inputs, output):
-        store["a"] = inputs[0].detach()
-        output.register_hook(lambda grad: store.__setitem__("delta", grad.detach()))
+        store["a"].append(inputs[0].detach())
+        output.register_hook(lambda grad: store["delta"].append(grad.detach()))
 
     return hook
 
