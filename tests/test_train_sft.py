@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dcr_fast.demo.tiny import save_tiny_model
-from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer
+from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer, torch_threads
 from dcr_fast.train.sft import SFTConfig, plan_steps, prepare_model, register, run_sft, sft_loss_sum, tokenize_example
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -24,6 +24,13 @@ PAIRS = [
     ("how can i shoot a photo ?", "here is a simple way to shoot a photo : plan it , do it , and check the result ."),
     ("who is my boss ?", "my boss is a person ."),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when the cores are shared."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from dcr_fast.config import (
 )
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
 from dcr_fast.demo.tiny import save_tiny_model
-from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer
+from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer, torch_threads
 from dcr_fast.train.dcr import DCRConfig, run_dcr
 from dcr_fast.train.sft import SFTConfig, run_sft
 
@@ -83,8 +83,11 @@ def run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> di
         raise ValueError("out: required (the demo's output directory)")
     if not config.seeds:
         raise ValueError("seeds: give at least one seed")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _run_demo(config, stage_configs)
+
+
+def _run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(config.out)
     examples = load_example_set()
@@ -195,7 +198,7 @@ def evaluate_toy(model_dir: str, examples: ExampleSet, config: DemoConfig) -> di
     openings = sorted({r.split()[0] for r in examples.refusals})
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=64, progress=False)
     result: dict[str, Any] = {"compliance": {}, "defense_success": {}, "normal_compliance": {}, "refusal_probability": {},
-                              "samples": {}}
+                              "refusal_openings": openings, "samples": {}}
     for benchmark in HELDOUT_BENCHMARKS:
         result["refusal_probability"][benchmark] = {}
         for kind in KINDS:
@@ -261,6 +264,7 @@ def build_report(evaluations: dict[str, list[dict[str, Any]]], entk: dict[str, A
         run["defense_success_mean"] = _spread([e["defense_success_mean"] for e in per_seed])
         run["refusal_probability"] = {b: {k: statistics.fmean(e["refusal_probability"][b][k] for e in per_seed) for k in KINDS}
                                       for b in HELDOUT_BENCHMARKS}
+        run["refusal_openings"] = per_seed[0]["refusal_openings"]
         run["per_seed"] = [{k: e[k] for k in ("compliance", "defense_success", "normal_compliance")} for e in per_seed]
         run["samples"] = per_seed[0]["samples"]
         runs[name] = run
@@ -288,6 +292,9 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
              f"{report['torch']}); stages already complete in the output directory are reused, not rerun.", ""]
     notes += ["Benchmarks hold out of every alignment stage: `heldout-targets` unseen objects/persons with "
               "training templates, `heldout-templates` unseen phrasings with training targets, `heldout-both` both.", ""]
+    openings = sorted({o for run in report["runs"].values() for o in run["refusal_openings"]})
+    notes += [f"The refusal-probability table sums the demo's own refusal openings {openings} (every refusal the "
+              "demo trains on starts with one), not the paper's A.5 set, whose English openings this toy never saw.", ""]
     notes += ["Answer opening compliance on held-out *normal* prompts (should stay high):", ""]
     notes += [f"- {name}: " + ", ".join(f"{b} {r['mean']:.2f} ± {r['std']:.2f}" for b, r in run["normal_compliance"].items())
               for name, run in report["runs"].items()]
