@@ -187,7 +187,8 @@ class _FeatureEngine:
             cache, tokens, features = prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
             if config.offload_features:
                 features = features.to("cpu", pin=self.device.type == "cuda")
-            self.chunks.append((cache, tokens, features))
+            # Only the finite difference queries the tail again; the Gram needs the features alone.
+            self.chunks.append((cache if config.method == "fd" else None, tokens, features))
         self.symmetric = config.method == "exact"
         if self.symmetric:
             self.blocks = lambda left, right: probe_gram(left[2], right[2])
