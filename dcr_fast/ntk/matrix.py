@@ -270,7 +270,9 @@ class _ChunkStore:
         digest = hashlib.sha256()
         for p in prompts:
             digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
-        run = {"config": asdict(config), "labels": labels, "prompts_sha256": digest.hexdigest()}
+        # Where the features live does not change a number: a run may resume with or without offload.
+        settings = {key: value for key, value in asdict(config).items() if key != "offload_features"}
+        run = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest()}
         run_file = root / "run.json"
         if run_file.exists():
             previous = json.loads(run_file.read_text())
