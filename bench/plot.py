@@ -39,6 +39,7 @@ def plot_file(path: Path, x_key: str, out_dir: Path, all_runs: bool = False) -> 
     for what, label in (("time", "median time per call (ms)"), ("memory", "peak extra memory (MiB)")):
         fig = _figure(rows, x_key, what, label)
         fig.suptitle(title, fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave the top strip to the title
         target = out_dir / f"{path.stem}-{what}.png"
         fig.savefig(target, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -74,7 +75,6 @@ def _figure(rows: list[Row], x_key: str, what: str, label: str):
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.tight_layout()
     return fig
 
 
