@@ -23,7 +23,7 @@ chunked path above (where the reference cannot fit), as ``loss_rel_err`` and
 Rows go to ``bench/results/circle_loss-<device>.json`` (see ``bench/common.py``); a verdict
 table for the project's GPU targets is printed at the end. Run from the repository root:
 
-    python -m bench.bench_circle_loss                      # CPU grid, ~10 minutes on 2 cores
+    python -m bench.bench_circle_loss --threads 1          # CPU grid, ~16 minutes on 2 cores
     python -m bench.bench_circle_loss --preset quick       # ~1 minute
     python -m bench.bench_circle_loss --device cuda --preset targets
 """
