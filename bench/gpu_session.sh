@@ -15,6 +15,8 @@
 #   compile  torch.compile of the reference beside the fused kernel at B=16,384, d=128 and 4,096
 #   others   every other bench/bench_*.py (entk, sft, refusal_prob, ...) with --gpu or
 #            --device cuda, whichever it takes, sharing the stage's time
+#   entk     (not in the default list: give it its own call) the eNTK benchmark alone with the
+#            time the 3,000-prompt exact run needs: 75x75 matrix per method, then the large run
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
 #            costs a compilation per case) until the budget ends
 # Per-stage logs and the results JSON written during the session go into $OUT/session.tar.gz;
@@ -90,9 +92,10 @@ for s in $STAGES; do
     compile) stage compile 150 circle --batch-sizes 16384 --dims 128 4096 --dtypes bfloat16 --modes fwd+bwd \
                --impls matmul triton torch compile --budget-s 0.5 ;;
     others)  stage others 240 others ;;
+    entk)    stage entk 560 "$PY" -m bench.bench_entk --device cuda ;;
     sweep)   stage sweep 600 circle --preset gpu --impls matmul triton torch pml --budget-s 0.3 \
                --max-minutes "$(awk -v s="$(left)" 'BEGIN { print (s - 45) / 60 }')" ;;
-    *)       echo "unknown stage $s (setup targets tests compile others sweep)"; exit 2 ;;
+    *)       echo "unknown stage $s (setup targets tests compile others entk sweep)"; exit 2 ;;
   esac
 done
 collect
