@@ -100,3 +100,19 @@ def test_ci_preset_runs_the_whole_pipeline(tmp_path):
     assert args.func(args) == 0
     again = json.load(open(tmp_path / "report.json"))
     assert again["runs"] == report["runs"] and again["entk"] == report["entk"]
+
+
+def test_demo_data_does_not_depend_on_hash_order(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from dcr_fast.demo.examples import load_example_set; "
+              "from dcr_fast.demo.run import write_demo_data; write_demo_data(load_example_set(), Path(sys.argv[1]))")
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+    names = sorted(os.listdir(tmp_path / "1"))
+    assert names and names == sorted(os.listdir(tmp_path / "2"))
+    for name in names:
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name

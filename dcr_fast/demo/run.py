@@ -116,7 +116,7 @@ def write_demo_data(examples: ExampleSet, folder: Path) -> dict[str, str]:
     every = {kind: [p for split_t in ("train", "heldout") for split_o in ("train", "heldout")
                     for p in examples.prompts(kind, split_t, split_o)] for kind in KINDS}
     facts = [{"prompt": f"who is {target} ?", "response": f"{target} is a person ."}
-             for target in {t for split in ("train", "heldout") for _, t in examples.targets[("toxic", split)]}]
+             for target in sorted({t for split in ("train", "heldout") for _, t in examples.targets[("toxic", split)]})]
     facts += [{"prompt": f"what is {target} ?", "response": f"{target} is a thing ."}
               for kind in ("seemingly_toxic", "normal") for split in ("train", "heldout") for _, target in examples.targets[(kind, split)]]
     general = [{"prompt": p, "response": r} for p, r in examples.instructions]
