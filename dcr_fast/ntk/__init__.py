@@ -7,7 +7,16 @@ exact, finite-difference and reference engines are built on.
 
 from dcr_fast.ntk.block import METHODS, EntkBlock, entk_block
 from dcr_fast.ntk.matrix import EntkMatrix, EntkMatrixConfig, entk_matrix
-from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_parameters, tail_spec, tail_vjp
+from dcr_fast.ntk.tail import (
+    PrefixCache,
+    TailSpec,
+    pad_prompts,
+    run_prefix,
+    tail_logits,
+    tail_parameters,
+    tail_spec,
+    tail_vjp,
+)
 
 __all__ = [
     "METHODS",

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from dcr_fast.ntk.exact import exact_block
+from dcr_fast.ntk.fd import fd_block
 from dcr_fast.ntk.reference import fd_reference_block
-from dcr_fast.ntk.tail import tail_spec
+from dcr_fast.ntk.tail import describe, tail_spec
 
 METHODS = ("exact", "fd", "fd-reference")
 
@@ -64,15 +65,17 @@ def entk_block(
     elif method == "fd-reference":
         K, K_self, so, su = fd_reference_block(model, spec, ids_prime, ids, k=k, eps=eps)
     else:
-        K, K_self, so, su = fd_module().fd_block(model, spec, ids_prime, ids, k=k, eps=eps)
+        K, K_self, so, su = fd_block(model, spec, ids_prime, ids, k=k, eps=eps)
     return EntkBlock(K, K_self, so, su, normalized(K, K_self))
 
 
 def normalized(K: torch.Tensor, K_self: torch.Tensor) -> float:
+    """‖K‖_F / ‖K_self‖_F: the similarity the paper's heatmaps show."""
     return float(torch.linalg.matrix_norm(K) / torch.linalg.matrix_norm(K_self))
 
 
 def check_options(model: nn.Module, *, k: int, method: str, eps: float) -> None:
+    """The options ``entk_block`` and ``entk_matrix`` share, checked before any work."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     vocab = model.get_output_embeddings().out_features
@@ -92,18 +95,6 @@ def encode(prompt: torch.Tensor | str, tokenizer, name: str) -> torch.Tensor:
         check_chat_template(tokenizer, type(tokenizer).__name__)
         return torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype != torch.long or prompt.numel() == 0:
-        got = type(prompt).__name__
-        if isinstance(prompt, torch.Tensor):
-            got = f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}"
-        raise ValueError(f"{name} must be a non-empty 1-D LongTensor of token ids or a string, got {got}")
+        raise ValueError(f"{name} must be a non-empty 1-D LongTensor of token ids or a string, got {describe(prompt)}")
     return prompt
 
-
-def fd_module():
-    try:
-        from dcr_fast.ntk import fd
-    except ImportError as exc:
-        raise RuntimeError(
-            f"method='fd' needs dcr_fast.ntk.fd (the batched finite-difference engine), which failed to import: {exc}"
-        ) from exc
-    return fd

@@ -99,7 +99,11 @@ def read_prompts(path: Path, group: str) -> list[str]:
 
 
 def load(args: argparse.Namespace, prompts: list[str]):
-    from dcr_fast.train.common import load_model_and_tokenizer, resolve_device, resolve_dtype
+    from dcr_fast.train.common import (
+        load_model_and_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
 
     device = resolve_device(args.device)
     if args.model == TINY_MODEL:

@@ -30,62 +30,20 @@ over an 8×8 matrix (features included), agreeing to 5e-7 relative.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from dcr_fast.ntk.tail import PrefixCache, TailSpec, pad_prompts, run_prefix, tail_logits, tail_parameters
-
-
-@dataclass
-class LinearFeatures:
-    """Inputs a (n, R, d_in) and output cotangents δ (n, k, R, d_out) of one linear layer."""
-
-    a: torch.Tensor
-    delta: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return self.a.shape[1]
-
-
-@dataclass
-class ProbeFeatures:
-    """What the Gram needs of n prompts with k probe tokens each."""
-
-    tokens: torch.Tensor  # (n, k) probe token ids
-    linears: list[LinearFeatures]  # one per weight matrix in the tail layers, in a fixed order
-    dense: torch.Tensor  # (n, k, P) materialized gradients: norm weights and linear biases
-    head: torch.Tensor | None  # (n, d) lm_head input at the last position, when lm_head ∈ θ_S
-
-    @property
-    def n(self) -> int:
-        return self.tokens.shape[0]
-
-    def to(self, device: torch.device | str, *, pin: bool = False) -> ProbeFeatures:
-        """A copy on ``device``; ``pin`` puts a host copy in page-locked memory, from which
-        later uploads run asynchronously on the current stream."""
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if pin:  # a blocking download: the host copy is complete when this returns
-                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-            return t.to(device, non_blocking=torch.device(device).type == "cuda")
-
-        return ProbeFeatures(
-            move(self.tokens),
-            [LinearFeatures(move(f.a), move(f.delta)) for f in self.linears],
-            move(self.dense),
-            None if self.head is None else move(self.head),
-        )
-
-    def select(self, rows: slice) -> ProbeFeatures:
-        return ProbeFeatures(
-            self.tokens[rows],
-            [LinearFeatures(f.a[rows], f.delta[rows]) for f in self.linears],
-            self.dense[rows],
-            None if self.head is None else self.head[rows],
-        )
+from dcr_fast.ntk.tail import (
+    PrefixCache,
+    TailSpec,
+    pad_prompts,
+    run_prefix,
+    tail_logits,
+    tail_modules,
+    tail_parameters,
+)
 
 
 def exact_block(
@@ -100,12 +58,81 @@ def exact_block(
 def prompt_probes(
     model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], *, k: int
 ) -> tuple[PrefixCache, torch.Tensor, ProbeFeatures]:
-    """A batch of prompts' prefix cache, top-k tokens (n, k) and probe features."""
+    """A batch of prompts' prefix cache, top-k tokens (n, k) and probe features.
+
+    The first step of every structured method: ``exact_block`` and ``entk_matrix`` contract
+    the features, :func:`dcr_fast.ntk.fd.fd_block` probes along them from the cache.
+    """
     ids, mask = pad_prompts(prompts)
     cache = run_prefix(model, ids, mask, spec=spec)
     with torch.no_grad():
         tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
     return cache, tokens, probe_features(model, spec, cache, tokens)
+
+
+@dataclass
+class ProbeFeatures:
+    """What the Gram needs of n prompts with k probe tokens each; ``fd`` probes along the same.
+
+    ``dense`` holds the gradients stored whole, laid out as ``dense_layout`` says: one
+    (n, k, size) slice per θ_S parameter, the tail's RMSNorm weights first in θ_S order
+    (``norms`` of :func:`~dcr_fast.ntk.tail.tail_modules`), then the biases of the linear
+    layers in ``linears`` order. The Gram contracts ``dense`` whole; whoever needs one
+    parameter's gradient reads it through :meth:`dense_slices`, never by offset.
+    """
+
+    tokens: torch.Tensor  # (n, k) probe token ids
+    linears: list[LinearFeatures]  # one per weight matrix in the tail layers, in tail_modules order
+    dense: torch.Tensor  # (n, k, P) materialized gradients: norm weights, then linear biases
+    dense_layout: tuple[tuple[str, int], ...]  # (θ_S name, size) of each slice of dense, in order
+    head: torch.Tensor | None  # (n, d) lm_head input at the last position, when lm_head ∈ θ_S
+
+    @property
+    def n(self) -> int:
+        return self.tokens.shape[0]
+
+    def dense_slices(self) -> dict[str, torch.Tensor]:
+        """``{θ_S name: (n, k, size) view of dense}``, in layout order."""
+        sizes = [size for _, size in self.dense_layout]
+        if sum(sizes) != self.dense.shape[2]:
+            raise ValueError(f"dense has {self.dense.shape[2]} entries per probe; its layout names {sum(sizes)}")
+        return dict(zip((name for name, _ in self.dense_layout), self.dense.split(sizes, dim=2)))
+
+    def to(self, device: torch.device | str, *, pin: bool = False) -> ProbeFeatures:
+        """A copy on ``device``; ``pin`` puts a host copy in page-locked memory, from which
+        later uploads run asynchronously on the current stream."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if pin:  # a blocking download: the host copy is complete when this returns
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+            return t.to(device, non_blocking=torch.device(device).type == "cuda")
+
+        return self._map(move)
+
+    def select(self, rows: slice) -> ProbeFeatures:
+        """The features of the prompts ``rows``."""
+        return self._map(lambda t: t[rows])
+
+    def _map(self, fn) -> ProbeFeatures:
+        return replace(
+            self,
+            tokens=fn(self.tokens),
+            linears=[LinearFeatures(fn(f.a), fn(f.delta)) for f in self.linears],
+            dense=fn(self.dense),
+            head=None if self.head is None else fn(self.head),
+        )
+
+
+@dataclass
+class LinearFeatures:
+    """Inputs a (n, R, d_in) and output cotangents δ (n, k, R, d_out) of one linear layer."""
+
+    a: torch.Tensor
+    delta: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.a.shape[1]
 
 
 def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens: torch.Tensor) -> ProbeFeatures:
@@ -117,7 +144,7 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
     n, k = tokens.shape
     if n != cache.batch_size:
         raise ValueError(f"tokens must have one row per cached prompt ({cache.batch_size}), got {n}")
-    linears, norms = _tail_modules(model, spec)
+    linears, norms = tail_modules(model, spec)
     params = tail_parameters(model, spec)
     # Each prompt gets its own copy of every norm weight, broadcast over positions (the final
     # norm sees only the last position), so autograd hands back per-prompt gradients.
@@ -151,18 +178,18 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
         for handle in handles:
             handle.remove()
 
-    lengths = cache.lengths
     features = []
-    dense = [torch.stack([g[i] for g in grads], dim=1).reshape(n, k, -1) for i in range(len(norm_params))]
+    dense = {name: torch.stack([g[i] for g in grads], dim=1).reshape(n, k, -1) for i, name in enumerate(norm_params)}
     for name, module in linears.items():
         delta = torch.stack(records[name]["delta"], dim=1)  # (n, k, T, d_out)
-        features.append(_drop_zero_rows(records[name]["a"][0], delta, lengths))
+        features.append(_drop_zero_rows(records[name]["a"][0], delta, cache.lengths))
         if module.bias is not None and f"{name}.bias" in params:
-            dense.append(delta.sum(dim=2))
+            dense[f"{name}.bias"] = delta.sum(dim=2)
     return ProbeFeatures(
         tokens=tokens,
         linears=features,
-        dense=torch.cat(dense, dim=2) if dense else hidden.new_zeros(n, k, 0),
+        dense=torch.cat(list(dense.values()), dim=2) if dense else hidden.new_zeros(n, k, 0),
+        dense_layout=tuple((name, g.shape[2]) for name, g in dense.items()),
         head=head_input[0] if head_input else None,
     )
 
@@ -210,29 +237,6 @@ def _linear_gram(left: LinearFeatures, right: LinearFeatures) -> torch.Tensor:
     return dd.mul_(aa).sum(dim=(2, 5)).permute(0, 2, 1, 3)
 
 
-def _tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear], list[str]]:
-    """The tail's linear layers by name, and the names of its other (norm) parameters."""
-    linears: dict[str, nn.Linear] = {}
-    norms: list[str] = []
-    names = set(spec.param_names)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and f"{name}.weight" in names and name != spec.lm_head_name:
-            linears[name] = module
-    for name in spec.param_names:
-        module_name, _, attr = name.rpartition(".")
-        if module_name in linears or module_name == spec.lm_head_name:
-            continue
-        module = model.get_submodule(module_name)
-        hidden = getattr(model.config, "hidden_size", None)
-        if attr != "weight" or not hasattr(module, "variance_epsilon") or module.weight.shape != (hidden,):
-            raise ValueError(
-                f"the exact eNTK supports linear layers and hidden-size RMSNorm weights in θ_S; "
-                f"{name} ({type(module).__name__}) is neither"
-            )
-        norms.append(name)
-    return linears, norms
-
-
 def _recorder(store: dict[str, list[torch.Tensor]]):
     """Forward hook: keep the layer's input, and its output cotangent at every backward."""
 
@@ -245,7 +249,7 @@ def _recorder(store: dict[str, list[torch.Tensor]]):
 
 def _drop_zero_rows(a: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor) -> LinearFeatures:
     """Keep only positions where some probe has a nonzero cotangent (and that are not padding)."""
-    n, k, t, _ = delta.shape
+    _, k, t, _ = delta.shape
     positions = torch.arange(t, device=a.device)
     live = (delta != 0).any(dim=3).any(dim=1) & (positions[None, :] < lengths[:, None])
     count = live.sum(dim=1)

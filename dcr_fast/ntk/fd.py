@@ -7,8 +7,9 @@ So(x'). Only the organisation differs:
 * the frozen prefix runs once per prompt (:func:`dcr_fast.ntk.tail.run_prefix`);
 * every w is recorded once per (prompt, token), in factored form, by one tail backward over
   all probes (:func:`dcr_fast.ntk.exact.probe_features`): a linear layer's w is Dᵀ A with
-  A the layer's inputs and D its output cotangents (rank ≤ the prompt's length), the
-  RMSNorm weights' w is a small dense vector, lm_head's is e_i h(x)ᵀ;
+  A the layer's inputs and D its output cotangents (rank ≤ the prompt's length), its
+  bias's and the RMSNorm weights' w are small dense vectors (read by name through
+  ``ProbeFeatures.dense_slices``), lm_head's is e_i h(x)ᵀ;
 * one pass of the tail evaluates every query x' under many directions ±εw at once: the
   batch holds (direction, query) rows, each tail linear layer becomes one
   ``probe_linear`` call (:mod:`dcr_fast.ntk.probe_ops`, C++/CUDA) that adds
@@ -35,9 +36,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dcr_fast.ntk.exact import ProbeFeatures, _tail_modules, probe_features
+from dcr_fast.ntk.exact import ProbeFeatures, prompt_probes
 from dcr_fast.ntk.probe_ops import probe_linear
-from dcr_fast.ntk.tail import PrefixCache, TailSpec, _base_model, pad_prompts, run_prefix, tail_logits, tail_parameters
+from dcr_fast.ntk.tail import (
+    PrefixCache,
+    TailSpec,
+    base_model,
+    tail_modules,
+    tail_parameters,
+)
 
 DEFAULT_MAX_ROWS = 1 << 15
 
@@ -46,11 +53,7 @@ def fd_block(
     model: nn.Module, spec: TailSpec, x_prime: torch.Tensor, x: torch.Tensor, *, k: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(K, K_self, So, Su) for one pair: x' and x probed in one batch, x' queried once."""
-    ids, mask = pad_prompts([x_prime, x])
-    cache = run_prefix(model, ids, mask, spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), k, dim=1).indices
-    features = probe_features(model, spec, cache, tokens)
+    cache, tokens, features = prompt_probes(model, spec, [x_prime, x], k=k)
     blocks = fd_blocks(model, spec, cache.select([0]), tokens[:1], features, eps=eps)[0]
     return blocks[1], blocks[0], tokens[0], tokens[1]
 
@@ -104,25 +107,21 @@ class _ProbeEngine:
 
     def __init__(self, model: nn.Module, spec: TailSpec, probes: ProbeFeatures):
         self.model, self.spec, self.probes = model, spec, probes
-        self.base, _ = _base_model(model)
-        self.linears, norm_names = _tail_modules(model, spec)
+        self.base, _ = base_model(model)
+        self.linears, norm_names = tail_modules(model, spec)
         self.params = tail_parameters(model, spec)
         dtype = next(iter(self.params.values())).dtype
         self.final_norm = {n: p.detach().to(dtype) for n, p in self.base.norm.named_parameters()}
         self.head_weight = model.get_output_embeddings().weight.detach().to(dtype)
-        # probe_features stores the norm gradients first in ProbeFeatures.dense, in θ_S order.
-        self.norm_grads: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name in norm_names:
-            size = self.params[name].numel()
-            self.norm_grads[name] = probes.dense[:, :, offset : offset + size]
-            offset += size
-        bias_size = sum(m.out_features for n, m in self.linears.items() if f"{n}.bias" in self.params)
-        if offset + bias_size != probes.dense.shape[2]:
+        dense = probes.dense_slices()
+        expected = [*norm_names, *(f"{n}.bias" for n in self.linears if f"{n}.bias" in self.params)]
+        if list(dense) != expected:
             raise ValueError(
-                f"probes.dense has {probes.dense.shape[2]} gradient entries per probe; the tail's norms and "
-                f"biases need {offset + bias_size}: the features were recorded for another θ_S"
+                f"probes.dense holds the gradients of {list(dense)}, this tail's norms and biases are "
+                f"{expected}: the features were recorded for another θ_S"
             )
+        self.norm_names = norm_names
+        self.dense = dense
 
     def central_difference(
         self, queries: PrefixCache, query_tokens: torch.Tensor, probe_rows: slice, eps: float
@@ -168,12 +167,11 @@ class _ProbeEngine:
             a = feature.a[probe_rows].repeat_interleave(feature.delta.shape[1], dim=0)
             d = feature.delta[probe_rows].flatten(0, 1)
             bias = self.params.get(f"{name}.bias")
-            swaps[name] = _ProbedLinear(
-                self.params[f"{name}.weight"], bias, a, d, None if bias is None else d.sum(dim=1), scale
-            )
-        for name, grads in self.norm_grads.items():
+            d_bias = None if bias is None else self.dense[f"{name}.bias"][probe_rows].flatten(0, 1)
+            swaps[name] = _ProbedLinear(self.params[f"{name}.weight"], bias, a, d, d_bias, scale)
+        for name in self.norm_names:
             module_name = name.rpartition(".")[0]
-            g = grads[probe_rows].flatten(0, 1)
+            g = self.dense[name][probe_rows].flatten(0, 1)
             weights = self.params[name].reshape(-1) + scale[:, None] * g.repeat(2, 1)
             swaps[module_name] = _ProbedNorm(self.model.get_submodule(module_name), weights, n_queries)
         saved = []

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcr_fast.ntk.block import check_options, encode, fd_module
+from dcr_fast.ntk.block import check_options, encode
 from dcr_fast.ntk.exact import probe_gram, prompt_probes
+from dcr_fast.ntk.fd import fd_blocks
 from dcr_fast.ntk.reference import fd_reference_kernel, top_tokens
 from dcr_fast.ntk.tail import TailSpec, tail_spec
 
@@ -193,7 +194,6 @@ class _FeatureEngine:
         if self.symmetric:
             self.blocks = lambda left, right: probe_gram(left[2], right[2])
         else:
-            fd_blocks = fd_module().fd_blocks
             self.blocks = lambda left, right: fd_blocks(model, spec, left[0], left[1], right[2], eps=config.eps)
         n = len(prompts)
         self.pair_norms = torch.full((n, n), float("nan"), dtype=torch.float64, device=self.device)

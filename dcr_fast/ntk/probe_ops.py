@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from dcr_fast._extension import HAS_EXTENSION
+from dcr_fast.ntk.tail import compute_dtype
 
 
 def probe_linear(
@@ -53,7 +54,7 @@ def probe_linear_reference(
     scale: torch.Tensor,
 ) -> torch.Tensor:
     """The definition of :func:`probe_linear` in plain PyTorch (same rounding points as the kernels)."""
-    acc = accumulation_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     (p, m, d_in), (f, _, d_out) = x.shape, d.shape
     base = torch.nn.functional.linear(x, weight).to(acc)
     if bias is not None:
@@ -64,11 +65,6 @@ def probe_linear_reference(
         update = update + d_bias.to(acc)[None, :, None, :]
     update = update.reshape(p, m, d_out) * scale.to(acc)[:, None, None]
     return (base + update).to(x.dtype)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 if HAS_EXTENSION:

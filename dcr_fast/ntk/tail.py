@@ -30,6 +30,10 @@ Interface (what the other eNTK engines code against)
     replaced only in its output-projection use). Differentiable w.r.t. ``params``.
 ``w = tail_vjp(model, spec, cache_row, token_ids)``
     ``{name: (k, *shape)}``: w_i = ∇_{θ_S} z_i(x) for each token i of one prompt.
+``linears, norms = tail_modules(model, spec)``
+    θ_S as the structured engines (:mod:`~dcr_fast.ntk.exact`, :mod:`~dcr_fast.ntk.fd`) see
+    it: the tail's linear layers by name and its RMSNorm weight names; ``base_model(model)``
+    is the decoder stack those names live in.
 
 The model's own parameters are never written to; every substitution is functional.
 Supported: transformers' Qwen2 and Llama causal LMs (any model whose base has ``layers``,
@@ -92,7 +96,7 @@ def tail_spec(
     include_final_norm: bool = False,
 ) -> TailSpec:
     """θ_S of ``model``: its last ``tail_layers`` decoder layers (+ lm_head, + final norm)."""
-    base, prefix = _base_model(model)
+    base, prefix = base_model(model)
     n_layers = len(base.layers)
     if not isinstance(tail_layers, int) or isinstance(tail_layers, bool) or not 0 <= tail_layers <= n_layers:
         raise ValueError(f"tail_layers must be an int in [0, {n_layers}], got {tail_layers!r}")
@@ -100,10 +104,11 @@ def tail_spec(
         raise ValueError("tail_layers=0 with include_lm_head=False leaves θ_S empty")
     indices = tuple(range(n_layers - tail_layers, n_layers))
     layer_types = getattr(model.config, "layer_types", None) or []
-    if len({layer_types[i] for i in indices if i < len(layer_types)}) > 1:
+    tail_types = {layer_types[i] for i in indices if i < len(layer_types)}
+    if len(tail_types) > 1:
         # The cached attention mask is the one the first tail layer receives.
         raise ValueError(
-            f"tail_layers={tail_layers} mixes attention types {sorted(set(layer_types[i] for i in indices))} "
+            f"tail_layers={tail_layers} mixes attention types {sorted(tail_types)} "
             "(sliding-window layers); choose a tail whose layers share one type"
         )
     names = [
@@ -123,6 +128,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's weights (the first parameter's: models are not mixed here)."""
     return next(model.parameters()).dtype
 
 
@@ -138,7 +144,7 @@ def pad_prompts(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Ten
         raise ValueError("prompts must be a non-empty list of 1-D LongTensors")
     for i, p in enumerate(prompts):
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.dtype != torch.long:
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D LongTensor of token ids, got {_describe(p)}")
+            raise ValueError(f"prompts[{i}] must be a non-empty 1-D LongTensor of token ids, got {describe(p)}")
     t_max = max(p.numel() for p in prompts)
     ids = torch.full((len(prompts), t_max), pad_id, dtype=torch.long, device=prompts[0].device)
     mask = torch.zeros_like(ids)
@@ -158,7 +164,7 @@ def run_prefix(
 ) -> PrefixCache:
     """Run the frozen prefix once and cache what enters the tail (see the module docstring)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a (B, T) LongTensor, got {_describe(input_ids)}")
+        raise ValueError(f"input_ids must be a (B, T) LongTensor, got {describe(input_ids)}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -173,7 +179,7 @@ def run_prefix(
     else:
         lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
 
-    base, _ = _base_model(model)
+    base, _ = base_model(model)
     entry = base.layers[spec.layer_indices[0]] if spec.layer_indices else base.norm
     captured: dict = {}
 
@@ -240,6 +246,60 @@ def tail_vjp(
     }
 
 
+def base_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """The decoder stack of a causal LM (``model.model`` for Qwen2/Llama) and its attribute name.
+
+    Raises a ``ValueError`` for models the eNTK engines cannot split into prefix and tail:
+    no ``layers``/``norm`` on the base, or no output projection.
+    """
+    prefix = getattr(model, "base_model_prefix", "model")
+    base = getattr(model, prefix, None)
+    if base is None or not hasattr(base, "layers") or not hasattr(base, "norm"):
+        raise ValueError(
+            f"model must be a transformers causal LM with decoder layers and a final norm "
+            f"(e.g. Qwen2ForCausalLM, LlamaForCausalLM), got {type(model).__name__}"
+        )
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model {type(model).__name__} has no output projection (lm_head)")
+    return base, prefix
+
+
+def tail_modules(model: nn.Module, spec: TailSpec) -> tuple[dict[str, nn.Linear], list[str]]:
+    """θ_S split the way the structured engines (exact Gram, batched fd) treat it.
+
+    Returns the tail's linear layers by module name (lm_head excluded: it has its closed
+    form) and the names of its other parameters in θ_S order, which must be hidden-size
+    RMSNorm weights; anything else is a ``ValueError``, since neither engine knows its
+    gradient's structure.
+    """
+    linears: dict[str, nn.Linear] = {}
+    norms: list[str] = []
+    names = set(spec.param_names)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" in names and name != spec.lm_head_name:
+            linears[name] = module
+    hidden = getattr(model.config, "hidden_size", None)
+    for name in spec.param_names:
+        module_name, _, attr = name.rpartition(".")
+        if module_name in linears or module_name == spec.lm_head_name:
+            continue
+        module = model.get_submodule(module_name)
+        if attr != "weight" or not hasattr(module, "variance_epsilon") or module.weight.shape != (hidden,):
+            raise ValueError(
+                f"the exact and fd eNTK support linear layers and hidden-size RMSNorm weights in θ_S; "
+                f"{name} ({type(module).__name__}) is neither"
+            )
+        norms.append(name)
+    return linears, norms
+
+
+def describe(x) -> str:
+    """How a bad argument reads in an error message: a tensor's dtype and shape, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
 class _TailRunner(nn.Module):
     """Holds the model as a submodule so ``functional_call`` can substitute θ_S by name."""
 
@@ -249,7 +309,7 @@ class _TailRunner(nn.Module):
         self.spec = spec
 
     def forward(self, cache: PrefixCache) -> torch.Tensor:
-        base, _ = _base_model(self.model)
+        base, _ = base_model(self.model)
         hidden = cache.hidden
         for i in self.spec.layer_indices:
             out = base.layers[i](hidden, **cache.layer_kwargs)
@@ -270,7 +330,7 @@ def _complete(model: nn.Module, spec: TailSpec, params: dict[str, torch.Tensor])
     dtype = compute_dtype(model_dtype(model))
     if model_dtype(model) == dtype:
         return params
-    base, _ = _base_model(model)
+    base, _ = base_model(model)
     names = [
         *spec.param_names,
         *(f"{spec.base_prefix}.norm.{n}" for n, _ in base.norm.named_parameters()),
@@ -278,19 +338,6 @@ def _complete(model: nn.Module, spec: TailSpec, params: dict[str, torch.Tensor])
     ]
     lifted = {name: _get_by_name(model, name).detach().to(dtype) for name in names if name not in params}
     return {**lifted, **params}
-
-
-def _base_model(model: nn.Module) -> tuple[nn.Module, str]:
-    prefix = getattr(model, "base_model_prefix", "model")
-    base = getattr(model, prefix, None)
-    if base is None or not hasattr(base, "layers") or not hasattr(base, "norm"):
-        raise ValueError(
-            f"model must be a transformers causal LM with decoder layers and a final norm "
-            f"(e.g. Qwen2ForCausalLM, LlamaForCausalLM), got {type(model).__name__}"
-        )
-    if model.get_output_embeddings() is None:
-        raise ValueError(f"model {type(model).__name__} has no output projection (lm_head)")
-    return base, prefix
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -320,9 +367,3 @@ def _select_rows(value, rows: torch.Tensor):
     if isinstance(value, tuple):
         return tuple(_select_rows(v, rows) for v in value)
     return value
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
