@@ -7,45 +7,16 @@ import copy
 import pytest
 import torch
 import transformers
+from ntk_models import ARCHS, VOCAB, prompts, rel, tiny
 
-from dcr_fast.ntk import entk_block, pad_prompts, run_prefix, tail_logits, tail_spec
-from dcr_fast.ntk.exact import exact_block, probe_features, probe_gram
+from dcr_fast.ntk import entk_block, pad_prompts, run_prefix, tail_spec, tail_vjp
+from dcr_fast.ntk.exact import exact_block, probe_gram, prompt_probes
 from dcr_fast.ntk.reference import float64_exact, jacobian_block
+from dcr_fast.ntk.tail import tail_modules
 
-VOCAB = 61
 EXACT_RTOL = 1e-8  # exact vs oracle, float64 end to end
 FD_RTOL = 5e-3  # the paper's central difference at eps=1e-3
 DTYPE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}  # vs the oracle of the same weights in float64
-
-# name -> (config class, extra config fields)
-ARCHS = {
-    "qwen2-tied": (transformers.Qwen2Config, {"tie_word_embeddings": True}),
-    "qwen2-untied": (transformers.Qwen2Config, {"tie_word_embeddings": False}),
-    "llama-bias-untied": (transformers.LlamaConfig, {"tie_word_embeddings": False, "attention_bias": True}),
-    "llama-tied": (transformers.LlamaConfig, {"tie_word_embeddings": True}),
-}
-
-
-def tiny(arch: str, dtype: torch.dtype = torch.float64, attn: str = "eager", seed: int = 0):
-    config_class, extra = ARCHS[arch]
-    config = config_class(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, **extra,
-    )
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).eval()
-
-
-def prompts(seed: int = 1, lengths=(7, 4)) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None) -> float:
-    """‖a − b‖ / ‖b‖, or over ‖scale‖ when b may be zero (disjoint top-k with lm_head only)."""
-    denominator = b.double().norm() if scale is None else scale.double().norm()
-    return float((a.double() - b.double()).norm() / denominator)
-
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("tail_layers,include_lm_head", [(1, True), (2, False), (3, True), (0, True)])
@@ -118,16 +89,28 @@ def test_padded_batch_equals_one_by_one(attn):
     model = tiny("llama-bias-untied", attn=attn)
     spec = tail_spec(model, 2, True)
     batch = prompts(seed=5, lengths=(3, 11, 1, 6))
-    ids, mask = pad_prompts(batch)
-    cache = run_prefix(model, ids, mask, spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), 4, dim=1).indices
-    gram = probe_gram(probe_features(model, spec, cache, tokens), probe_features(model, spec, cache, tokens))
+    _, tokens, features = prompt_probes(model, spec, batch, k=4)
+    gram = probe_gram(features, features)
     for p, x_prime in enumerate(batch):
         for q, x in enumerate(batch):
             K, K_self, so, su = exact_block(model, spec, x_prime, x, k=4)
             assert torch.equal(so, tokens[p]) and torch.equal(su, tokens[q])
             assert rel(gram[p, q], K) < 1e-12 and rel(gram[p, p], K_self) < 1e-12, (p, q)
+
+
+def test_dense_features_are_the_named_gradients():
+    """ProbeFeatures.dense is laid out as dense_layout says: norm weights in θ_S order, then biases."""
+    model = tiny("llama-bias-untied")
+    spec = tail_spec(model, 2, True)
+    cache, tokens, features = prompt_probes(model, spec, prompts(seed=9, lengths=(5, 8)), k=3)
+    _, norms = tail_modules(model, spec)
+    dense = features.dense_slices()
+    names = list(dense)
+    assert names[: len(norms)] == norms and names[len(norms) :] and all(n.endswith(".bias") for n in names[len(norms) :])
+    for p in range(features.n):
+        w = tail_vjp(model, spec, cache.select([p]), tokens[p])
+        for name, grads in dense.items():
+            assert rel(grads[p], w[name].reshape(3, -1)) < 1e-12, (p, name)
 
 
 @pytest.mark.parametrize("method", ["exact", "fd", "fd-reference"])
@@ -198,7 +181,7 @@ def test_bad_padding_is_rejected():
 
 @pytest.mark.parametrize("materialize", [False, True])
 def test_ghost_and_materialized_linear_grams_agree_with_oracle(monkeypatch, materialize):
-    import dcr_fast.ntk.exact as exact
+    from dcr_fast.ntk import exact
 
     monkeypatch.setattr(exact, "materialize_rule", lambda *shape: materialize)
     model = tiny("llama-bias-untied")

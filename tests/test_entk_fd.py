@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_entk import ARCHS, prompts, rel, tiny
+from ntk_models import ARCHS, prompts, rel, tiny
 
-import dcr_fast.ntk.fd as fd
-from dcr_fast.ntk import entk_block, pad_prompts, run_prefix, tail_logits, tail_spec
-from dcr_fast.ntk.exact import probe_features
+from dcr_fast.ntk import entk_block, fd, tail_spec
+from dcr_fast.ntk.exact import prompt_probes
 from dcr_fast.ntk.probe_ops import probe_linear_reference
 from dcr_fast.ntk.reference import float64_exact
 
@@ -27,7 +26,7 @@ def _block(model, x_prime, x, method, **kwargs):
 def test_fd_matches_fd_reference_float64(arch, tail_layers, include_lm_head):
     model = tiny(arch)
     x_prime, x = prompts()
-    kwargs = dict(k=5, tail_layers=tail_layers, include_lm_head=include_lm_head)
+    kwargs = {"k": 5, "tail_layers": tail_layers, "include_lm_head": include_lm_head}
     fast, ref = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "fd-reference", **kwargs)
     assert torch.equal(fast.So, ref.So) and torch.equal(fast.Su, ref.Su)
     assert fast.K.dtype == torch.float64
@@ -41,7 +40,7 @@ def test_fd_matches_fd_reference_on_sdpa_models(arch):
     """fd runs the last tail layer at the last position with eager attention; the reference, SDPA."""
     model = tiny(arch, attn="sdpa")
     x_prime, x = prompts(seed=7, lengths=(5, 9))
-    kwargs = dict(k=5, tail_layers=2)
+    kwargs = {"k": 5, "tail_layers": 2}
     fast, ref = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "fd-reference", **kwargs)
     assert rel(fast.K, ref.K) < SAME_AS_REFERENCE and rel(fast.K_self, ref.K_self) < SAME_AS_REFERENCE
 
@@ -49,12 +48,8 @@ def test_fd_matches_fd_reference_on_sdpa_models(arch):
 @pytest.mark.parametrize("tail_layers", [1, 2])
 def test_last_position_layer_equals_the_full_layer(tail_layers, monkeypatch):
     model = tiny("llama-bias-untied")
-    batch = prompts(seed=8, lengths=(6, 2, 9))
     spec = tail_spec(model, tail_layers, True)
-    cache = run_prefix(model, *pad_prompts(batch), spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), 3, dim=1).indices
-    features = probe_features(model, spec, cache, tokens)
+    cache, tokens, features = prompt_probes(model, spec, prompts(seed=8, lengths=(6, 2, 9)), k=3)
     with float64_exact():
         short = fd.fd_blocks(model, spec, cache, tokens, features)
         monkeypatch.setattr(fd, "_last_position_supported", lambda layer, kwargs: False)
@@ -78,7 +73,7 @@ def test_fd_lm_head_only_matches_fd_reference():
 def test_fd_close_to_exact(dtype, arch):
     model = tiny(arch, dtype=dtype)
     x_prime, x = prompts(seed=2, lengths=(9, 5))
-    kwargs = dict(k=5, tail_layers=1)
+    kwargs = {"k": 5, "tail_layers": 1}
     fast, exact = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "exact", **kwargs)
     assert fast.K.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(fast.So, exact.So) and torch.equal(fast.Su, exact.Su)
@@ -91,10 +86,7 @@ def test_padded_batches_and_chunks_equal_one_by_one(attn):
     model = tiny("llama-bias-untied", attn=attn)
     spec = tail_spec(model, 2, True)
     batch = prompts(seed=5, lengths=(3, 11, 1, 6))
-    cache = run_prefix(model, *pad_prompts(batch), spec=spec)
-    with torch.no_grad():
-        tokens = torch.topk(tail_logits(model, spec, cache), 4, dim=1).indices
-    features = probe_features(model, spec, cache, tokens)
+    cache, tokens, features = prompt_probes(model, spec, batch, k=4)
     whole = fd.fd_blocks(model, spec, cache, tokens, features)
     # A budget of one probe prompt and one query per pass forces every chunking path.
     chunked = fd.fd_blocks(model, spec, cache, tokens, features, max_rows=1)
@@ -150,13 +142,18 @@ def test_parameters_bit_identical_and_modules_restored(dtype, monkeypatch):
 def test_bad_options_are_value_errors(kwargs, match):
     model = tiny("qwen2-tied", dtype=torch.float32)
     spec = tail_spec(model, 1, True)
-    cache = run_prefix(model, *pad_prompts(prompts()), spec=spec)
-    tokens = torch.zeros(2, 3, dtype=torch.long)
-    features = probe_features(model, spec, cache, tokens)
+    cache, tokens, features = prompt_probes(model, spec, prompts(), k=3)
     with pytest.raises(ValueError, match=match):
         fd.fd_blocks(model, spec, cache, tokens, features, **kwargs)
     with pytest.raises(ValueError, match="query_tokens must be"):
         fd.fd_blocks(model, spec, cache, tokens[:1], features)
+
+
+def test_features_of_another_theta_are_rejected():
+    model = tiny("llama-bias-untied", dtype=torch.float32)
+    cache, tokens, features = prompt_probes(model, tail_spec(model, 1, True), prompts(), k=3)
+    with pytest.raises(ValueError, match="recorded for another θ_S"):
+        fd.fd_blocks(model, tail_spec(model, 2, True), cache, tokens, features)
 
 
 @pytest.mark.gpu
@@ -164,7 +161,7 @@ def test_bad_options_are_value_errors(kwargs, match):
 def test_fd_on_cuda_matches_fd_reference_and_exact(arch):
     model = tiny(arch).cuda()
     x_prime, x = (p.cuda() for p in prompts())
-    kwargs = dict(k=5, tail_layers=2)
+    kwargs = {"k": 5, "tail_layers": 2}
     fast, ref = _block(model, x_prime, x, "fd", **kwargs), _block(model, x_prime, x, "fd-reference", **kwargs)
     assert fast.K.is_cuda and torch.equal(fast.Su, ref.Su)
     assert rel(fast.K, ref.K) < SAME_AS_REFERENCE and rel(fast.K_self, ref.K_self) < SAME_AS_REFERENCE

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="dcr_fast._C is not bu
 # Op vs reference: identical maths and rounding points, so only summation order differs.
 # bf16/fp16: both round the same float32 value once, but the base GEMM may differ by an ulp.
 TOL = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
 }
 
 # (P, M, d_in, d_out, F, T): awkward on purpose — no multiple of the CUDA tiles (8 rows,
