@@ -249,7 +249,9 @@ What it cannot show: anything about real LLMs, real benchmarks (XSTest, OR-Bench
 general capability. The model has ~0.7M parameters, a vocabulary of about a thousand BPE
 tokens trained on this set, and answers that are only judged by their opening words; the
 "toxic" prompts are harmless templates. Seeds differ in initialisation and data order only;
-the spread over a few seeds is a rough guide, not a confidence interval."""
+the spread over a few seeds is a rough guide, not a confidence interval, and the numbers move
+with small changes to the data as much as with the seed: compare the runs within one report,
+not numbers across reports."""
 
 
 def build_report(evaluations: dict[str, list[dict[str, Any]]], entk: dict[str, Any] | None, config: DemoConfig,
