@@ -37,3 +37,14 @@ def rel(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None) -> 
     """‖a − b‖ / ‖b‖, or over ‖scale‖ when b may be zero (disjoint top-k with lm_head only)."""
     denominator = b.double().norm() if scale is None else scale.double().norm()
     return float((a.double() - b.double()).norm() / denominator)
+
+
+def assert_blocks_close(got, want, rtol: float, where: object = "") -> None:
+    """K and K_self of two blocks within ``rtol`` relative (:func:`rel`); each block is an
+    ``EntkBlock`` or a ``(K, K_self, ...)`` tuple. The message gives both errors and ``where``."""
+    errors = {name: rel(a.cpu(), b.cpu()) for name, a, b in zip(("K", "K_self"), _pair(got), _pair(want))}
+    assert all(e < rtol for e in errors.values()), f"{where} relative errors {errors} exceed {rtol:g}"
+
+
+def _pair(block) -> tuple[torch.Tensor, torch.Tensor]:
+    return (block.K, block.K_self) if hasattr(block, "K_self") else (block[0], block[1])
