@@ -130,10 +130,6 @@ class LinearFeatures:
     a: torch.Tensor
     delta: torch.Tensor
 
-    @property
-    def rows(self) -> int:
-        return self.a.shape[1]
-
 
 def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens: torch.Tensor) -> ProbeFeatures:
     """Record a_t, δ_t, norm gradients and h for each prompt of ``cache`` and each token in ``tokens``.

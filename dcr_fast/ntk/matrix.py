@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcr_fast.ntk.block import check_options, encode
-from dcr_fast.ntk.exact import probe_gram, prompt_probes
+from dcr_fast.ntk.exact import ProbeFeatures, probe_gram, prompt_probes
 from dcr_fast.ntk.fd import fd_blocks
 from dcr_fast.ntk.reference import fd_reference_kernel, top_tokens
-from dcr_fast.ntk.tail import TailSpec, tail_spec
+from dcr_fast.ntk.tail import PrefixCache, TailSpec, tail_spec
 
 
 @dataclass(frozen=True)
@@ -182,19 +183,20 @@ class _FeatureEngine:
     ):
         self.chunk_size = config.chunk_size
         self.device = next(model.parameters()).device
-        self.chunks = []
+        self.chunks: list[_Chunk] = []
         starts = range(0, len(prompts), config.chunk_size)
         for start in tqdm(starts, desc="probe features", unit="chunk", disable=not progress):
             cache, tokens, features = prompt_probes(model, spec, prompts[start : start + config.chunk_size], k=config.k)
             if config.offload_features:
                 features = features.to("cpu", pin=self.device.type == "cuda")
-            # Only the finite difference queries the tail again; the Gram needs the features alone.
-            self.chunks.append((cache if config.method == "fd" else None, tokens, features))
+            self.chunks.append(_Chunk(cache if config.method == "fd" else None, tokens, features))
         self.symmetric = config.method == "exact"
         if self.symmetric:
-            self.blocks = lambda left, right: probe_gram(left[2], right[2])
+            self.blocks = lambda left, right: probe_gram(left.features, right.features)
         else:
-            self.blocks = lambda left, right: fd_blocks(model, spec, left[0], left[1], right[2], eps=config.eps)
+            self.blocks = lambda left, right: fd_blocks(
+                model, spec, left.cache, left.tokens, right.features, eps=config.eps
+            )
         n = len(prompts)
         self.pair_norms = torch.full((n, n), float("nan"), dtype=torch.float64, device=self.device)
         for i in range(len(self.chunks)):
@@ -222,12 +224,21 @@ class _FeatureEngine:
         if self.symmetric:
             self.pair_norms[:, chunk] = block.T
 
-    def _chunk(self, i: int) -> tuple:
-        cache, tokens, features = self.chunks[i]
-        return cache, tokens, features.to(self.device)
+    def _chunk(self, i: int) -> _Chunk:
+        """Chunk ``i`` with its features on the model's device (a no-op unless offloaded)."""
+        chunk = self.chunks[i]
+        return chunk._replace(features=chunk.features.to(self.device))
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.pair_norms.shape[0]))
+
+
+class _Chunk(NamedTuple):
+    """One chunk of prompts as the feature engine keeps it."""
+
+    cache: PrefixCache | None  # the prefix, kept for fd only: the Gram needs the features alone
+    tokens: torch.Tensor  # (c, k) top-k tokens
+    features: ProbeFeatures
 
 
 class _ReferenceEngine:

@@ -123,11 +123,8 @@ def _eager_attention_same_dtype(module, query, key, value, attention_mask, scali
 
 
 def _subset(model: nn.Module, spec: TailSpec) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in spec.param_names:
-        module_name, _, attr = name.rpartition(".")
-        out[name] = getattr(model.get_submodule(module_name), attr).detach()
-    return out
+    """θ_S detached, in the model's own dtype (the paper measures in the model's precision)."""
+    return {name: model.get_parameter(name).detach() for name in spec.param_names}
 
 
 def _last_logits(model: nn.Module, params: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:

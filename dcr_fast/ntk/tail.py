@@ -135,7 +135,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def tail_parameters(model: nn.Module, spec: TailSpec) -> dict[str, torch.Tensor]:
     """θ_S as detached tensors in the compute dtype (no copy when the model already is)."""
     dtype = compute_dtype(model_dtype(model))
-    return {name: _get_by_name(model, name).detach().to(dtype) for name in spec.param_names}
+    return {name: model.get_parameter(name).detach().to(dtype) for name in spec.param_names}
 
 
 def pad_prompts(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +336,7 @@ def _complete(model: nn.Module, spec: TailSpec, params: dict[str, torch.Tensor])
         *(f"{spec.base_prefix}.norm.{n}" for n, _ in base.norm.named_parameters()),
         *(f"{spec.lm_head_name}.{n}" for n, _ in model.get_output_embeddings().named_parameters()),
     ]
-    lifted = {name: _get_by_name(model, name).detach().to(dtype) for name in names if name not in params}
+    lifted = {name: model.get_parameter(name).detach().to(dtype) for name in names if name not in params}
     return {**lifted, **params}
 
 
@@ -345,11 +345,6 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise ValueError("the output projection is not a submodule of the model")
-
-
-def _get_by_name(model: nn.Module, name: str) -> torch.Tensor:
-    module_name, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), attr)
 
 
 def _cast_floating(value, dtype: torch.dtype):
