@@ -18,6 +18,7 @@ EXACT_RTOL = 1e-8  # exact vs oracle, float64 end to end
 FD_RTOL = 5e-3  # the paper's central difference at eps=1e-3
 DTYPE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}  # vs the oracle of the same weights in float64
 
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("tail_layers,include_lm_head", [(1, True), (2, False), (3, True), (0, True)])
 def test_exact_matches_jacobian_oracle_float64(arch, tail_layers, include_lm_head):
@@ -105,7 +106,9 @@ def test_dense_features_are_the_named_gradients():
     _, norms = tail_modules(model, spec)
     dense = features.dense_slices()
     names = list(dense)
-    assert names[: len(norms)] == norms and names[len(norms) :] and all(n.endswith(".bias") for n in names[len(norms) :])
+    biases = names[len(norms) :]
+    assert names[: len(norms)] == norms
+    assert biases and all(name.endswith(".bias") for name in biases)
     for p in range(features.n):
         w = tail_vjp(model, spec, cache.select([p]), tokens[p])
         for name, grads in dense.items():
