@@ -44,6 +44,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _load_tile(P, idx, n, stride, cols, n_cols):
+    """P[idx, cols] of a row-major matrix, zero outside its n × n_cols extent."""
+    return tl.load(P + idx[:, None].to(tl.int64) * stride + cols[None, :],
+                   mask=(idx[:, None] < n) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
 def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r,
               BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr):
@@ -51,10 +58,8 @@ def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r,
     acc = tl.zeros((BM, BN), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
-                    mask=(rows[:, None] < B) & (dd[None, :] < D), other=0.0)
-        r = tl.load(R + cols[:, None].to(tl.int64) * stride_r + dd[None, :],
-                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
+        x = _load_tile(X, rows, B, stride_x, dd, D)
+        r = _load_tile(R, cols, M, stride_r, dd, D)
         if UPCAST:
             x = x.to(ACC)
             r = r.to(ACC)
@@ -161,8 +166,7 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
             rows = r0 + tl.arange(0, BM)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, own, B, M, D, stride_x, stride_r,
                           o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
-            x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + dout[None, :],
-                        mask=(rows[:, None] < B) & (dout[None, :] < D), other=0.0)
+            x = _load_tile(X, rows, B, stride_x, dout, D)
             acc += _dot_in_input_dtype(tl.trans(ds), x, ACC, UPCAST, PRECISION)
         n_own = M
     else:
@@ -172,8 +176,7 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
             cols = c0 + tl.arange(0, BN)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, own, cols, B, M, D, stride_x, stride_r,
                           o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
-            r = tl.load(R + cols[:, None].to(tl.int64) * stride_r + dout[None, :],
-                        mask=(cols[:, None] < M) & (dout[None, :] < D), other=0.0)
+            r = _load_tile(R, cols, M, stride_r, dout, D)
             acc += _dot_in_input_dtype(ds, r, ACC, UPCAST, PRECISION)
         n_own = B
     tl.store(OUT + own[:, None].to(tl.int64) * stride_out + dout[None, :], acc,
