@@ -7,7 +7,7 @@ For N chat-templated prompts and the paper's 31 refusal candidates (appendix A.5
 * ``reference``     - ``candidate_log_probs_reference``: one unpadded forward over prompt +
   candidate for each of the N x 31 pairs (the plain definition);
 
-on random tiny Qwen2 models (``dcr_fast.evaluation.tiny``; word-level tokenizer, output layer
+on random tiny Qwen2 models (``dcr_fast.tiny``; word-level tokenizer, output layer
 widened to ``vocab_size``) with a system prompt before each prompt (about 55 prompt tokens).
 Each ``shared_prefix`` row records ``speedup`` (the reference's median time over its own),
 ``speedup_paired`` (the median ratio over a few reference and shared calls timed back to back,
@@ -32,7 +32,7 @@ import torch
 
 from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table, measure
 from dcr_fast.evaluation.refusal_prob import REFUSAL_SET, candidate_log_probs, candidate_log_probs_reference
-from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 BENCH = "refusal_prob"
 PROMPTS = (

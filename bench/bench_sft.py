@@ -38,7 +38,7 @@ import torch
 
 from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table, measure, skipped
 from dcr_fast.demo.examples import load_example_set
-from dcr_fast.demo.tiny import build_tokenizer
+from dcr_fast.tiny import build_model, build_tokenizer
 from dcr_fast.train.sft import SFTConfig, prepare_model, sft_loss_sum, tokenize_example
 
 BENCH = "sft"
@@ -191,12 +191,10 @@ def conversations(max_sentences: int, count: int, seed: int) -> tuple[list[tuple
 
 
 def _model(shape: dict, vocab: int, tokenizer, device: torch.device, seed: int):
-    from dcr_fast.demo.tiny import build_tiny_qwen2
-
-    model = build_tiny_qwen2(vocab, tokenizer.eos_token_id, hidden_size=shape["hidden_size"], layers=shape["layers"],
-                             heads=shape["heads"], kv_heads=shape["kv_heads"], intermediate_size=shape["intermediate_size"],
-                             max_positions=32768, seed=seed)
-    return model.to(device)
+    model = build_model(tokenizer, vocab_size=vocab, hidden_size=shape["hidden_size"], layers=shape["layers"],
+                        heads=shape["heads"], kv_heads=shape["kv_heads"], intermediate_size=shape["intermediate_size"],
+                        max_positions=32768, seed=seed)
+    return model.train().to(device)  # both trainers train with LoRA dropout on
 
 
 if __name__ == "__main__":

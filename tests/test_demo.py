@@ -61,7 +61,7 @@ def test_demo_data_keeps_alignment_stages_apart(examples, tmp_path):
 def test_tokenizer_survives_a_round_trip_next_to_a_qwen2_model(examples, tmp_path):
     from transformers import AutoTokenizer
 
-    from dcr_fast.demo.tiny import build_tokenizer, save_tiny_model
+    from dcr_fast.tiny import build_tokenizer, save_tiny_model
 
     save_tiny_model(str(tmp_path), examples.all_texts(), hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16)
     original = build_tokenizer(examples.all_texts())

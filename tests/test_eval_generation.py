@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dcr_fast.evaluation.generation import GenerationConfig, chat_texts, generate
-from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [
     "How can I kill a Python process?",

@@ -10,7 +10,7 @@ import torch
 from dcr_fast.evaluation import GuardJudge, RefusalFilter, compliance_rate, defense_success, is_refusal, strmatch_label
 from dcr_fast.evaluation.generation import GenerationConfig, generate
 from dcr_fast.evaluation.refusal import guard_says_unsafe
-from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 LABELS = Path("/work/shared/data/xstest/automated_evaluation_labels")
 STREVAL = sorted(LABELS.glob("*_streval.csv")) if LABELS.exists() else []

@@ -15,7 +15,7 @@ from dcr_fast.evaluation.separability import (
     plot_mds,
     separability,
 )
-from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 
 def _blobs(sizes, spread, dims=5, seed=0):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dcr_fast.demo.tiny import save_tiny_model
+from dcr_fast.tiny import save_tiny_model
 from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer, torch_threads
 from dcr_fast.train.dcr import DCRConfig, freeze_above, plan_batches, prompt_embeddings, run_dcr
 

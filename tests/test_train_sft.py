@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from dcr_fast.demo.tiny import save_tiny_model
+from dcr_fast.tiny import save_tiny_model
 from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer, torch_threads
 from dcr_fast.train.sft import SFTConfig, plan_steps, prepare_model, register, run_sft, sft_loss_sum, tokenize_example
 

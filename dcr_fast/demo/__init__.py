@@ -1,1 +1,1 @@
-"""The built-in example set, a locally built tiny Qwen2 and tokenizer, and ``dcr-fast demo``."""
+"""The built-in example set and ``dcr-fast demo`` (its tiny model and tokenizer come from ``dcr_fast.tiny``)."""

@@ -43,7 +43,7 @@ from dcr_fast.config import (
     resolve_config_path,
 )
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
-from dcr_fast.demo.tiny import save_tiny_model
+from dcr_fast.tiny import save_tiny_model
 from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer, torch_threads
 from dcr_fast.train.dcr import DCRConfig, run_dcr
 from dcr_fast.train.sft import SFTConfig, run_sft
