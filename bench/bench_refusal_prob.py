@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table, measure
+from bench.common import RESULTS_DIR, ResultsFile, Row, format_table, measure
+from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.evaluation.refusal_prob import REFUSAL_SET, candidate_log_probs, candidate_log_probs_reference
 from dcr_fast.tiny import tiny_model, tiny_tokenizer
 

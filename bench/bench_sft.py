@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table, measure, skipped
+from bench.common import RESULTS_DIR, ResultsFile, Row, format_table, measure, skipped
+from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.demo.examples import load_example_set
 from dcr_fast.tiny import build_model, build_tokenizer
 from dcr_fast.train.sft import SFTConfig, prepare_model, sft_loss_sum, tokenize_example

@@ -25,12 +25,12 @@ makes the figure vary by some tens of MiB with what ran before; it is ``None`` w
 allow the reset.
 
 Benchmark scripts run from the repository root as ``python -m bench.bench_<name>`` and
-import this module as ``from bench.common import ...``.
+import this module as ``from bench.common import ...``. Their configs are dataclasses whose
+flags come from ``dcr_fast.config``, as for every command of the package.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -46,8 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
-import typing
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# Re-exported for the scripts and dcr_fast.bench_cli that still import them from here; new
+# code imports them from dcr_fast.config.
+from dcr_fast.config import add_config_arguments, config_from_args  # noqa: F401
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -396,43 +398,6 @@ def render_table(lines: Sequence[Sequence[str]], align: str = "left") -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     pad = str.ljust if align == "left" else str.rjust
     return "\n".join("  ".join(pad(c, w) for c, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One ``--flag`` per field of the dataclass ``config_cls`` (``batch_sizes`` -> ``--batch-sizes``).
-
-    Tuples take several values, booleans get ``--x/--no-x``; the help text is the field's
-    ``metadata["help"]``. :func:`config_from_args` builds the dataclass back.
-    """
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kind, many = _scalar_type(hints[f.name])
-        kwargs: dict[str, Any] = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind
-            if many:
-                kwargs["nargs"] = "+"
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
-
-
-def config_from_args(config_cls: type, args: Any) -> Any:
-    values = {}
-    for f in dataclasses.fields(config_cls):
-        value = getattr(args, f.name)
-        values[f.name] = tuple(value) if isinstance(value, list) else value
-    return config_cls(**values)
-
-
-def _scalar_type(hint: Any) -> tuple[type, bool]:
-    """(element type, is a tuple) of a field hint like ``int``, ``tuple[str, ...]``, ``float | None``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is tuple:
-        return typing.get_args(hint)[0], True
-    return hint, False
 
 
 def _fmt(x: float | None) -> str:

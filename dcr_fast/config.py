@@ -5,7 +5,9 @@ argparse flags with the same names (``lora_rank`` -> ``--lora-rank``), reads a Y
 with ``--config FILE``, and merges the three layers in a fixed order: dataclass defaults, then
 the file, then the flags the user actually typed. Unknown keys and values of the wrong type
 raise ``ValueError`` naming the field, so a typo in a config never trains silently with a
-default. ``config_to_dict`` is what checkpoints store, and ``config_from_dict`` reads it back.
+default. Fields typed ``list[...]`` or ``tuple[X, ...]`` take several values and come back as
+that container. ``config_to_dict`` is what checkpoints store, and ``config_from_dict`` reads it
+back. The benchmarks under ``bench/`` build their configs with the same functions.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
             value = [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config field {name!r} expected a list of {_type_name(item)}, got {value!r}")
-        return [_convert(name, item, v) for v in value]
+        items = [_convert(name, item, v) for v in value]
+        return tuple(items) if origin is tuple else items
     if base is bool:
         if isinstance(value, bool):
             return value

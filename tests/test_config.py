@@ -46,6 +46,19 @@ def test_flags_mirror_fields_and_convert_types():
     assert config == Toy(name="b", steps=7, lr=3e-3, lora=False, files=["x.jsonl", "y.jsonl"], limit=5, tag=None)
 
 
+def test_tuple_fields_come_back_as_tuples():
+    @dataclasses.dataclass
+    class Sizes:
+        sizes: tuple[int, ...] = (1, 2)
+        names: tuple[str, ...] | None = None
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Sizes)
+    assert config_from_args(Sizes, parser.parse_args([])) == Sizes()
+    config = config_from_args(Sizes, parser.parse_args(["--sizes", "8", "16", "--names", "a"]))
+    assert config.sizes == (8, 16) and config.names == ("a",)
+
+
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 10\nlr: 0.5\nfiles: [a.jsonl]\n")
