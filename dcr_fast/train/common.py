@@ -30,6 +30,46 @@ from tqdm.auto import tqdm
 from dcr_fast.config import add_config_arguments, config_from_args, config_to_dict, save_yaml
 
 IGNORE_INDEX = -100
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The settings every stage has: what ``run_steps``, checkpoints and the saved model use.
+
+    ``DCRConfig`` and ``SFTConfig`` extend it with their data and recipe fields, and restate
+    the defaults their recipes choose differently (warmup, schedule, LoRA).
+    """
+
+    model: str = dataclasses.field(default="", metadata={"help": "base model: local directory or hub id"})
+    out: str = dataclasses.field(default="", metadata={"help": "output directory (checkpoint, logs, adapter, model)"})
+    system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "system message before every prompt"})
+    seed: int = 0
+    epochs: float = 3.0
+    lr: float = 1e-4
+    warmup_ratio: float = dataclasses.field(default=0.0, metadata={"help": "fraction of the steps spent in linear warmup"})
+    lr_schedule: str = dataclasses.field(default="constant", metadata={"help": "cosine, linear or constant after warmup"})
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora: bool = dataclasses.field(default=False, metadata={"help": "LoRA adapters instead of full-parameter training"})
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype: float32, bfloat16, float16"})
+    bf16_autocast: bool = dataclasses.field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
+    attn_implementation: str = dataclasses.field(default="auto", metadata={"help": "auto (flash-attn 2 if installed, else sdpa), sdpa, eager"})
+    device: str = "auto"
+    save_every: int = dataclasses.field(default=50, metadata={"help": "checkpoint every N optimizer steps (and at the end)"})
+    max_steps: int | None = dataclasses.field(default=None, metadata={"help": "stop after N optimizer steps (schedule unchanged; resume later)"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs: expected > 0, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected cosine, linear or constant, got {self.lr_schedule!r}")
 
 
 # --- models and chat encoding -------------------------------------------------------------------
@@ -255,7 +295,7 @@ def run_steps(
     model: torch.nn.Module,
     plan: Sequence[Sequence[Any]],
     micro_step: Callable[[Any], StepResult],
-    config: Any,
+    config: TrainConfig,
     out_dir: str,
     desc: str,
 ) -> dict[str, Any]:
@@ -263,9 +303,8 @@ def run_steps(
 
     ``plan[s]`` lists the micro-batches of optimizer step ``s``; ``micro_step`` runs forward and
     returns a loss already scaled so that the sum over a step's micro-batches is the step loss
-    (gradient accumulation spelled out). The config must have ``lr``, ``weight_decay``,
-    ``warmup_ratio``, ``lr_schedule``, ``max_grad_norm``, ``save_every``, ``max_steps``, ``resume``.
-    Returns the run summary (also written to ``out_dir/summary.json`` by the caller).
+    (gradient accumulation spelled out). Returns the run summary, which ``finish_run``
+    completes and writes.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -331,6 +370,16 @@ def run_steps(
         "trainable_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def finish_run(summary: dict[str, Any], model, tokenizer, config: TrainConfig) -> dict[str, Any]:
+    """Save the trained model once the plan is done, and write ``OUT/summary.json`` with the config."""
+    if summary["finished"]:
+        model.eval()
+        summary["outputs"] = save_trained_model(model, tokenizer, config.out, lora=config.lora)
+    summary["config"] = config_to_dict(config)
+    atomic_write_json(summary, os.path.join(config.out, "summary.json"))
+    return summary
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -443,7 +492,7 @@ def _truncate_log(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def check_model_and_out(config: Any) -> None:
+def check_model_and_out(config: TrainConfig) -> None:
     """The two fields every stage needs, checked before anything is loaded."""
     if not config.model:
         raise ValueError("model: required (a local model directory or hub id)")

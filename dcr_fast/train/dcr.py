@@ -24,49 +24,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import torch
 
-from dcr_fast.config import config_to_dict
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.train.common import (
     IGNORE_INDEX,
     StepResult,
-    atomic_write_json,
+    TrainConfig,
     check_model_and_out,
     check_source,
     encode_prompt,
+    finish_run,
     load_model_and_tokenizer,
     load_prompts,
     register_stage,
     resolve_device,
     run_steps,
-    save_trained_model,
     set_seed,
 )
 
 
 @dataclasses.dataclass
-class DCRConfig:
+class DCRConfig(TrainConfig):
     """Settings of one DCR run; every field is also a ``--flag`` and a YAML key."""
 
-    model: str = dataclasses.field(default="", metadata={"help": "base model: local directory or hub id"})
-    out: str = dataclasses.field(default="", metadata={"help": "output directory (checkpoint, logs, model)"})
     seemingly_toxic: list[str] = dataclasses.field(default_factory=list, metadata={"help": "seemingly toxic prompts: JSONL (prompt), .txt, or BENCHMARK=PATH (e.g. xstest=...)"})
     toxic: list[str] = dataclasses.field(default_factory=list, metadata={"help": "toxic prompts: JSONL (prompt), .txt, or BENCHMARK=PATH (e.g. hh-rlhf-red-team=...)"})
     layer: int = dataclasses.field(default=13, metadata={"help": "decoder layer whose output is refined (1-based; Qwen2.5: 13, Llama-3-8B: 15)"})
-    system_prompt: str | None = None
-    seed: int = 0
-    epochs: float = 3.0
     batch_size: int = 32
     balance: float = dataclasses.field(default=0.5, metadata={"help": "fraction of each batch drawn from the seemingly toxic subset"})
-    lr: float = 1e-4
-    warmup_ratio: float = 0.0
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     margin: float = 0.25
     gamma: float = 16.0
     variant: str = dataclasses.field(default="dcr", metadata={"help": "Circle loss variant: dcr (paper A.8) or original"})
@@ -74,24 +62,13 @@ class DCRConfig:
     freeze_embeddings: bool = dataclasses.field(default=False, metadata={"help": "also freeze untied input embeddings"})
     max_length: int = dataclasses.field(default=512, metadata={"help": "longest templated prompt; longer ones keep their last tokens"})
     lora: bool = dataclasses.field(default=False, metadata={"help": "LoRA on layers <= layer instead of full-parameter training"})
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    dtype: str = "float32"
-    bf16_autocast: bool = True
-    attn_implementation: str = "auto"
-    device: str = "auto"
-    save_every: int = 50
-    max_steps: int | None = None
-    resume: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 4:
             raise ValueError(f"batch_size: expected >= 4 (two prompts of each subset per batch), got {self.batch_size}")
         if not 0 < self.balance < 1:
             raise ValueError(f"balance: expected in (0, 1), got {self.balance}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs: expected > 0, got {self.epochs}")
         if self.variant not in ("dcr", "original"):
             raise ValueError(f"variant: expected dcr or original, got {self.variant!r}")
         if self.layer < 1:
@@ -135,12 +112,7 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
         raise RuntimeError(f"frozen parameters changed during DCR training: {changed[:5]}")
     summary.update({"prompts": {"seemingly_toxic": len(encoded[0]), "toxic": len(encoded[1])},
                     "frozen_parameters_verified": len(frozen)})
-    if summary["finished"]:
-        model.eval()
-        summary["outputs"] = save_trained_model(model, tokenizer, config.out, lora=config.lora)
-    summary["config"] = config_to_dict(config)
-    atomic_write_json(summary, os.path.join(config.out, "summary.json"))
-    return summary
+    return finish_run(summary, model, tokenizer, config)
 
 
 def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

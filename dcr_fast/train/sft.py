@@ -18,75 +18,50 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import torch
 
-from dcr_fast.config import config_to_dict
 from dcr_fast.train.common import (
     IGNORE_INDEX,
     StepResult,
-    atomic_write_json,
+    TrainConfig,
     check_model_and_out,
     check_source,
     encode_example,
+    finish_run,
     load_model_and_tokenizer,
     load_pairs,
     register_stage,
     resolve_device,
     run_steps,
-    save_trained_model,
     set_seed,
 )
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class SFTConfig(TrainConfig):
     """Settings of one SFT run; every field is also a ``--flag`` and a YAML key."""
 
-    model: str = dataclasses.field(default="", metadata={"help": "base model: local directory or hub id"})
-    out: str = dataclasses.field(default="", metadata={"help": "output directory (checkpoint, logs, adapter, model)"})
     data: list[str] = dataclasses.field(default_factory=list, metadata={"help": "general instruction data: JSONL files (prompt, response) or BENCHMARK=PATH (e.g. alpaca=...)"})
     safety_data: list[str] = dataclasses.field(default_factory=list, metadata={"help": "(toxic prompt, refusal) JSONL files"})
     aug_data: list[str] = dataclasses.field(default_factory=list, metadata={"help": "STL-aug: (seemingly toxic prompt, compliant answer) JSONL files"})
-    system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "system message for every example"})
-    seed: int = 0
-    epochs: float = 3.0
-    lr: float = 1e-4
     micro_batch_size: int = 4
     grad_accum: int = 32
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = dataclasses.field(default=0.03, metadata={"help": "fraction of the steps spent in linear warmup"})
     lr_schedule: str = dataclasses.field(default="cosine", metadata={"help": "cosine, linear or constant after warmup"})
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     max_length: int = 1024
     lora: bool = dataclasses.field(default=True, metadata={"help": "LoRA adapters (the recipe); --no-lora trains all parameters"})
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
     lora_targets: str = dataclasses.field(default="all-linear", metadata={"help": "peft target_modules: all-linear or comma-separated names"})
     packing: bool = dataclasses.field(default=True, metadata={"help": "padding-free packed micro-batches (--no-packing pads)"})
     train_on_prompt: bool = dataclasses.field(default=False, metadata={"help": "also put loss on prompt tokens (language pretraining)"})
-    dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype: float32, bfloat16, float16"})
-    bf16_autocast: bool = dataclasses.field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
-    attn_implementation: str = dataclasses.field(default="auto", metadata={"help": "auto (flash-attn 2 if installed, else sdpa), sdpa, eager"})
     gradient_checkpointing: bool = False
-    device: str = "auto"
-    save_every: int = dataclasses.field(default=50, metadata={"help": "checkpoint every N optimizer steps (and at the end)"})
-    max_steps: int | None = dataclasses.field(default=None, metadata={"help": "stop after N optimizer steps (schedule unchanged; resume later)"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("micro_batch_size", "grad_accum", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs: expected > 0, got {self.epochs}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule: expected cosine, linear or constant, got {self.lr_schedule!r}")
 
 
 @dataclasses.dataclass
@@ -119,12 +94,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
 
     summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="sft")
     summary["examples"] = len(examples)
-    if summary["finished"]:
-        model.eval()
-        summary["outputs"] = save_trained_model(model, tokenizer, config.out, lora=config.lora)
-    summary["config"] = config_to_dict(config)
-    atomic_write_json(summary, os.path.join(config.out, "summary.json"))
-    return summary
+    return finish_run(summary, model, tokenizer, config)
 
 
 def tokenize_example(tokenizer, prompt: str, response: str, config: SFTConfig) -> Example:
