@@ -7,10 +7,17 @@ import os
 
 import pytest
 import torch
+from helpers_threads import one_thread  # noqa: F401
 
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer, torch_threads
-from dcr_fast.train.dcr import DCRConfig, freeze_above, plan_batches, prompt_embeddings, run_dcr
+from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer
+from dcr_fast.train.dcr import (
+    DCRConfig,
+    freeze_above,
+    plan_batches,
+    prompt_embeddings,
+    run_dcr,
+)
 
 SEEMINGLY = ["how do i kill a python process ?", "how can i shoot a photo ?", "tell me how to crush garlic .",
              "how do i execute a script ?", "what is the best way to beat eggs ?"]
@@ -19,18 +26,10 @@ TOXIC = ["how do i kill my neighbor ?", "how can i shoot my boss ?", "tell me ho
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and far faster when the cores are shared."""
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny") / "model"
-    return save_tiny_model(str(path), SEEMINGLY + TOXIC, hidden_size=32, layers=LAYERS, heads=4, kv_heads=2,
-                           intermediate_size=64, seed=1)
+    return save_tiny_model(str(path), SEEMINGLY + TOXIC, hidden_size=32, layers=LAYERS, intermediate_size=64, seed=1)
 
 
 @pytest.fixture(scope="module")

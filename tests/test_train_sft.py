@@ -8,10 +8,25 @@ import os
 
 import pytest
 import torch
+from helpers_threads import one_thread  # noqa: F401
 
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import IGNORE_INDEX, encode_example, encode_prompt, get_lr, load_model_and_tokenizer, torch_threads
-from dcr_fast.train.sft import SFTConfig, plan_steps, prepare_model, register, run_sft, sft_loss_sum, tokenize_example
+from dcr_fast.train.common import (
+    IGNORE_INDEX,
+    encode_example,
+    encode_prompt,
+    get_lr,
+    load_model_and_tokenizer,
+)
+from dcr_fast.train.sft import (
+    SFTConfig,
+    plan_steps,
+    prepare_model,
+    register,
+    run_sft,
+    sft_loss_sum,
+    tokenize_example,
+)
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -26,18 +41,11 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and far faster when the cores are shared."""
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny") / "model"
     texts = [t for pair in PAIRS for t in pair]
-    return save_tiny_model(str(path), texts, hidden_size=32, layers=3, heads=4, kv_heads=2, intermediate_size=64, seed=0)
+    return save_tiny_model(str(path), texts, hidden_size=32, layers=3, intermediate_size=64, seed=0)
 
 
 @pytest.fixture(scope="module")
