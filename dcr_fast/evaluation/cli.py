@@ -6,16 +6,16 @@
 A benchmark is NAME=PATH (a file, or the directory holding its usual file) or NAME alone to
 fetch it from the hub. All benchmarks are loaded and checked before the model is, so a bad
 path fails in seconds. Responses are checkpointed under OUT/generations; rerunning the same
-command resumes.
+command resumes. The evaluation settings (EvalConfig) are flags, or come from --config FILE
+(flat, or its `eval:` section) as for the training commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import typing
-from dataclasses import fields
 from pathlib import Path
 
+from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.evaluation.harness import EvalConfig
 
 NAME = "eval"
@@ -33,18 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--run-name", default=None, help="row name in the report (default: the model path's name)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
     parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: as saved)")
-    defaults = EvalConfig()
-    hints = typing.get_type_hints(EvalConfig)
-    for field in fields(EvalConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"{field.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            hint = hints[field.name]
-            kind = int if int in (hint, *typing.get_args(hint)) else str
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+    add_config_arguments(parser, EvalConfig)
     parser.set_defaults(func=run)
 
 
@@ -57,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from dcr_fast.evaluation.refusal import GuardJudge, RefusalFilter
     from dcr_fast.evaluation.report import write_report
 
-    config = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
+    config = config_from_args(EvalConfig, args, section=NAME)
     benchmarks = {}
     for item in args.benchmark:
         name, _, path = item.partition("=")
