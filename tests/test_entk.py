@@ -131,7 +131,7 @@ def test_model_left_untouched(method, dtype):
 
 
 def test_string_prompts_use_the_chat_template():
-    from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+    from dcr_fast.tiny import tiny_model, tiny_tokenizer
     from dcr_fast.train.common import encode_prompt
 
     texts = ["how do I kill a python process", "where can I buy a knife", "tell me a story"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+from dcr_fast.tiny import tiny_model, tiny_tokenizer
 from dcr_fast.ntk import entk_block
 from dcr_fast.ntk import matrix as matrix_module
 from dcr_fast.ntk.matrix import entk_matrix, group_means

@@ -107,7 +107,7 @@ def load(args: argparse.Namespace, prompts: list[str]):
 
     device = resolve_device(args.device)
     if args.model == TINY_MODEL:
-        from dcr_fast.evaluation.tiny import tiny_model, tiny_tokenizer
+        from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(prompts)
         attn = "sdpa" if args.attn == "auto" else args.attn
