@@ -4,7 +4,7 @@ stop at EOS and at max_new_tokens, and a tokenizer without a chat template is re
 import pytest
 import torch
 
-from dcr_fast.evaluation.generation import GenerationConfig, chat_texts, generate
+from dcr_fast.evaluation.generation import GenerationConfig, chat_texts, eval_mode, generate, pad_batch
 from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = [
@@ -83,3 +83,24 @@ def test_float64_eager_is_refused(tokenizer):
     model = tiny_model(tokenizer, dtype=torch.float64, attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         generate(model, tokenizer, ["Hi"], GenerationConfig(progress=False))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_batch_keeps_each_rows_tokens_in_order(side):
+    rows = [[5, 6, 7], [], [8]]
+    input_ids, mask = pad_batch(rows, pad_id=0, device=torch.device("cpu"), side=side)
+    assert input_ids.shape == mask.shape == (3, 3)
+    for row, tokens in enumerate(rows):
+        assert input_ids[row][mask[row].bool()].tolist() == tokens
+        assert (input_ids[row][~mask[row].bool()] == 0).all()
+        kept = mask[row].nonzero().flatten().tolist()
+        assert kept == (list(range(3 - len(tokens), 3)) if side == "left" else list(range(len(tokens))))
+    with pytest.raises(ValueError, match="side"):
+        pad_batch(rows, pad_id=0, device=torch.device("cpu"), side="middle")
+
+
+def test_eval_mode_restores_training_mode(tokenizer):
+    model = tiny_model(tokenizer).train()
+    with eval_mode(model):
+        assert not model.training
+    assert model.training

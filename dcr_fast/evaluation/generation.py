@@ -8,7 +8,8 @@ until each row emits EOS or reaches `max_new_tokens`. Outputs come back in input
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +56,11 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = pad_token_id(tokenizer)
     eos = eos_token_id if eos_token_id is not None else _default_eos(model, tokenizer)
-    was_training = model.training
-    model.eval()
     outputs: list[str] = [""] * len(encoded)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    try:
+    with eval_mode(model):
         for batch in tqdm(batches, desc="generate", disable=not config.progress, leave=False):
-            input_ids, attention_mask = left_pad([encoded[i] for i in batch], pad_id, _device(model))
+            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, _device(model))
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -73,8 +72,6 @@ def generate(
             new_tokens = generated[:, input_ids.shape[1] :]
             for index, row in zip(batch, new_tokens):
                 outputs[index] = tokenizer.decode(_until_eos(row.tolist(), eos), skip_special_tokens=True)
-    finally:
-        model.train(was_training)
     return outputs
 
 
@@ -98,16 +95,37 @@ def chat_texts(tokenizer, prompts: Sequence[Conversation], system_prompt: str | 
     return texts
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into (input_ids, attention_mask), padding on the left."""
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device, *,
+              side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into (input_ids, attention_mask), padded on ``side``.
+
+    Left padding puts every row's last token at the same position, which generation needs;
+    right padding keeps every real token at its unpadded position, which scoring a prompt's
+    last token against its unbatched forward needs.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, tokens in enumerate(sequences):
         if tokens:
-            input_ids[row, width - len(tokens) :] = torch.tensor(tokens)
-            attention_mask[row, width - len(tokens) :] = 1
+            span = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
+            input_ids[row, span] = torch.tensor(tokens)
+            attention_mask[row, span] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then give it back its train/eval state
+    (callers such as the refusal tracker evaluate in the middle of training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def pad_token_id(tokenizer) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dcr_fast.evaluation.generation import chat_texts, pad_token_id
+from dcr_fast.evaluation.generation import chat_texts, eval_mode, pad_batch, pad_token_id
 
 # Appendix A.5's set S, in the paper's order; typographic apostrophes written as "'".
 REFUSAL_SET = (
@@ -113,15 +113,13 @@ def candidate_log_probs(
     pad_id = pad_token_id(tokenizer)
     tree = _CandidateTree.build(candidate_ids, device)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(prompt_ids), batch_size), desc="refusal probability",
                           disable=not progress, leave=False):
             # Right padding: a left-padded row's pad queries would see nothing, and a fully
             # masked row turns to NaN in eager attention run in float64.
-            input_ids, mask = _right_pad(prompt_ids[start : start + batch_size], pad_id, device)
+            input_ids, mask = pad_batch(prompt_ids[start : start + batch_size], pad_id, device, side="right")
             rows = input_ids.shape[0]
             lengths = mask.sum(-1)
             prefix = decoder(input_ids=input_ids, attention_mask=mask, use_cache=True)
@@ -140,8 +138,6 @@ def candidate_log_probs(
                                          tree.edge_tokens.repeat(rows)[:, None]).view(rows, -1)
                 score = score.index_add(1, tree.use_candidates, edges[:, tree.use_edges])
             scores.append(score.cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(scores)
 
 
@@ -241,18 +237,14 @@ def candidate_log_probs_reference(
     """The plain definition: one unpadded forward over prompt + candidate per pair."""
     prompt_ids, candidate_ids = _encode(tokenizer, prompts, candidates, system_prompt)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     scores = torch.empty(len(prompt_ids), len(candidate_ids), dtype=torch.float64)
-    try:
+    with eval_mode(model):
         for i, prefix in enumerate(tqdm(prompt_ids, desc="refusal probability (reference)",
                                         disable=not progress, leave=False)):
             for k, tail in enumerate(candidate_ids):
                 ids = torch.tensor([prefix + tail], device=device)
                 logits = model(input_ids=ids).logits[0, len(prefix) - 1 : -1].double()
                 scores[i, k] = logits.log_softmax(-1).gather(-1, ids[0, len(prefix) :, None]).sum().item()
-    finally:
-        model.train(was_training)
     return scores
 
 
@@ -269,13 +261,3 @@ def _encode(tokenizer, prompts: Sequence[str], candidates: Sequence[str],
     if empty:
         raise ValueError(f"candidates tokenize to no tokens: {empty}")
     return prompt_ids, candidate_ids
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return ids.to(device), mask.to(device)

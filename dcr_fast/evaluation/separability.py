@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from dcr_fast.evaluation.generation import chat_texts, pad_token_id
+from dcr_fast.evaluation.generation import chat_texts, eval_mode, pad_batch, pad_token_id
 from dcr_fast.evaluation.report import save_figure
 
 
@@ -56,23 +56,17 @@ def last_token_hidden_states(
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
-    was_training = model.training
-    model.eval()
     states = []
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(encoded), batch_size), desc="hidden states", disable=not progress, leave=False):
             batch = encoded[start : start + batch_size]
-            width = max(len(ids) for ids in batch)
-            # Right padding keeps every real token at its unpadded position; the last real
-            # token sees only real tokens, so its state equals the unbatched one.
-            input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in batch], device=device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
+            # Right padding: the last real token sees only real tokens, so its state equals
+            # the unbatched one.
+            input_ids, mask = pad_batch(batch, pad_id, device, side="right")
             out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
             last = torch.tensor([len(ids) - 1 for ids in batch], device=device)
             rows = torch.arange(len(batch), device=device)
             states.append(torch.stack([h[rows, last] for h in out.hidden_states]).float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(states, dim=1)
 
 
