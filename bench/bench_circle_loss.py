@@ -47,14 +47,13 @@ from bench.common import (
     Candidate,
     ResultsFile,
     Row,
-    add_config_arguments,
-    config_from_args,
     format_table,
     measure_side_by_side,
     release_memory,
     render_table,
     skipped,
 )
+from dcr_fast.config import add_config_arguments, config_from_args
 
 BENCH = "circle_loss"
 IMPLS = ("matmul", "triton", "torch", "chunked", "compile", "pml")  # matmul first: others divide by it

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table
+from bench.common import RESULTS_DIR, ResultsFile, Row, format_table
+from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.ntk.matrix import entk_matrix
 from dcr_fast.ntk.reference import fd_reference_block
 from dcr_fast.ntk.tail import tail_spec

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import RESULTS_DIR, ResultsFile, Row, add_config_arguments, config_from_args, format_table, measure
+from bench.common import RESULTS_DIR, ResultsFile, Row, format_table, measure
+from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast._extension import require_extension
 from dcr_fast.ntk.probe_ops import probe_linear_reference
 

@@ -54,10 +54,6 @@ from typing import Any
 
 import torch
 
-# Re-exported for the scripts and dcr_fast.bench_cli that still import them from here; new
-# code imports them from dcr_fast.config.
-from dcr_fast.config import add_config_arguments, config_from_args  # noqa: F401
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("ok", "oom", "skipped", "error")

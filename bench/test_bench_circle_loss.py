@@ -197,7 +197,7 @@ def test_cli_flags_mirror_the_config() -> None:
 
     args = build_parser().parse_args(["bench", "circle-loss", "--batch-sizes", "8", "16", "--dims", "4",
                                       "--no-check", "--max-minutes", "2.5"])
-    from bench.common import config_from_args
+    from dcr_fast.config import config_from_args
 
     config = config_from_args(bcl.CircleBenchConfig, args)
     assert config.batch_sizes == (8, 16) and config.dims == (4,) and config.check is False

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     circle.add_argument("--quick", action="store_true", help="the 'quick' preset: two small CPU cases, ~1 minute")
     module = _bench_module("bench_circle_loss")
     if module is not None:
-        from bench.common import add_config_arguments
+        from dcr_fast.config import add_config_arguments
 
         add_config_arguments(circle, module.CircleBenchConfig)
     circle.set_defaults(func=run_circle_loss)
@@ -48,7 +48,7 @@ def run_circle_loss(args: argparse.Namespace) -> int:
         print(f"dcr-fast bench: no bench/ directory at {REPO_ROOT}; the benchmarks ship with the source "
               "checkout (git clone, then pip install -e .)", file=sys.stderr)
         return 2
-    from bench.common import config_from_args
+    from dcr_fast.config import config_from_args
 
     if args.quick:
         args.preset = "quick"
