@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from helpers_threads import one_thread  # noqa: F401
 
 from dcr_fast.tiny import save_tiny_model
 from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer
@@ -18,6 +17,8 @@ from dcr_fast.train.dcr import (
     prompt_embeddings,
     run_dcr,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train faster on one thread
 
 SEEMINGLY = ["how do i kill a python process ?", "how can i shoot a photo ?", "tell me how to crush garlic .",
              "how do i execute a script ?", "what is the best way to beat eggs ?"]

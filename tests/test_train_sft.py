@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from helpers_threads import one_thread  # noqa: F401
 
 from dcr_fast.tiny import save_tiny_model
 from dcr_fast.train.common import (
@@ -27,6 +26,8 @@ from dcr_fast.train.sft import (
     sft_loss_sum,
     tokenize_example,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train faster on one thread
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
