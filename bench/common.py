@@ -44,7 +44,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dcr_fast import atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -343,7 +344,7 @@ class ResultsFile:
         data = load_results(self.path) if self.path.exists() else {"bench": self.bench, "runs": []}
         runs = [r for r in data["runs"] if r["run_id"] != self.run["run_id"]]
         data["runs"] = runs + [self.run]
-        write_json_atomic(self.path, data)
+        atomic.write_json(self.path, data, indent=1)
         return row
 
 
@@ -356,20 +357,6 @@ def rows_of(data: dict[str, Any], latest_only: bool = False) -> list[tuple[dict[
     """(env, Row) pairs from a loaded results file, optionally only the newest run's."""
     runs = data["runs"][-1:] if latest_only else data["runs"]
     return [(run["env"], Row(**row)) for run in runs for row in run["rows"]]
-
-
-def write_json_atomic(path: Path | str, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def format_table(rows: Sequence[Row], metric_keys: Sequence[str] = ()) -> str:

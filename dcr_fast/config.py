@@ -20,6 +20,7 @@ import typing
 from typing import Any, TypeVar
 
 import yaml
+from dcr_fast import atomic
 
 C = TypeVar("C")
 
@@ -103,10 +104,7 @@ def load_yaml(path: str, section: str | None = None) -> dict[str, Any]:
 
 def save_yaml(config: Any, path: str) -> None:
     """Write ``config`` as YAML atomically (temporary file, then ``os.replace``)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def resolve_config_path(name_or_path: str) -> str:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
+from dcr_fast import atomic
 from importlib import resources
 
 SPLITS = ("train", "heldout")
@@ -110,8 +110,4 @@ def load_example_set() -> ExampleSet:
 
 def write_jsonl(rows: list[dict], path: str) -> None:
     """Write rows as JSONL atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from dcr_fast import atomic
 from dcr_fast.config import (
     add_config_arguments,
     config_from_args,
@@ -44,7 +45,7 @@ from dcr_fast.config import (
 )
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import atomic_write_json, load_model_and_tokenizer, torch_threads
+from dcr_fast.train.common import load_model_and_tokenizer, torch_threads
 from dcr_fast.train.dcr import DCRConfig, run_dcr
 from dcr_fast.train.sft import SFTConfig, run_sft
 
@@ -183,7 +184,7 @@ def evaluate_cached(model_dir: str, examples: ExampleSet, config: DemoConfig, pa
     if path.exists():
         return json.loads(path.read_text())
     result = evaluate_toy(model_dir, examples, config)
-    atomic_write_json(result, str(path))
+    atomic.write_json(path, result)
     return result
 
 
@@ -280,7 +281,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def write_demo_report(report: dict[str, Any], out: Path) -> None:
     """``report.json``, ``report.md`` and ``figures/*.png``, each written atomically."""
-    from dcr_fast.evaluation.report import atomic_write_text, plot_rates, report_markdown, save_figure
+    from dcr_fast.evaluation.report import plot_rates, report_markdown, save_figure
 
     figures = {}
     for key in ("compliance", "defense_success"):
@@ -289,7 +290,7 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
     if report["entk"]:
         figures["entk"] = str(plot_entk(report["entk"], out / "figures" / "entk.png", save_figure).relative_to(out))
     report["figures"] = figures
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic.write_json(out / "report.json", report)
     notes = [f"Wall time of this invocation: {report['wall_s'] / 60:.1f} min on {report['device']} (torch "
              f"{report['torch']}); stages already complete in the output directory are reused, not rerun.", ""]
     notes += ["Benchmarks hold out of every alignment stage: `heldout-targets` unseen objects/persons with "
@@ -308,7 +309,7 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
                   for a in entk["groups"] for b in entk["groups"]]
     notes += ["", "## What the demo can and cannot show", "", report["limits"]]
     markdown = report_markdown(report, "\n".join(notes)).replace("# Evaluation report", "# dcr-fast demo report", 1)
-    atomic_write_text(out / "report.md", markdown)
+    atomic.write_text(out / "report.md", markdown)
 
 
 def plot_entk(entk: dict[str, Any], path: Path, save_figure) -> Path:

@@ -24,7 +24,7 @@ from dcr_fast.data.records import TOXIC, Prompt
 from dcr_fast.evaluation.generation import GenerationConfig, generate
 from dcr_fast.evaluation.refusal import Judge, RefusalFilter, compliance_rate, defense_success, is_refusal
 from dcr_fast.evaluation.refusal_prob import refusal_probability
-from dcr_fast.evaluation.report import atomic_write_text
+from dcr_fast import atomic
 from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states, plot_mds
 
 
@@ -138,5 +138,5 @@ def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: Gener
     if path is not None:
         lines = [json.dumps({"prompt": p.text, "category": p.category, "subset": p.subset, "response": r,
                              "refusal": is_refusal(r)}) for p, r in zip(prompts, responses)]
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic.write_text(path, "\n".join(lines) + "\n")
     return responses

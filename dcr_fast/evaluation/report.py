@@ -9,9 +9,8 @@ sees half a report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from dcr_fast import atomic
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ def write_report(out_dir: str | Path, runs: Mapping[str, Mapping[str, Any]],
     listed.update({f"{name}/{key}": path for name, run in runs.items() for key, path in run.get("figures", {}).items()})
     report = {"runs": {name: dict(run) for name, run in runs.items()}, "settings": dict(settings or {}),
               "figures": listed}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(out / "report.md", report_markdown(report, notes))
+    atomic.write_json(out / "report.json", report)
+    atomic.write_text(out / "report.md", report_markdown(report, notes))
     return report
 
 
@@ -114,26 +113,7 @@ def plot_rates(runs: Mapping[str, Mapping[str, Any]], key: str, path: Path) -> P
 
 def save_figure(fig, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
-    _replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _replace_atomically(path: Path, write: Callable[[str], object], suffix: str = "") -> None:
-    # The temporary file sits beside `path` (same filesystem, so os.replace is atomic) and is
-    # removed if writing fails; `suffix` lets matplotlib infer the format from the name.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
 
 
 def _ordered(names: set[str], preferred: tuple[str, ...]) -> list[str]:

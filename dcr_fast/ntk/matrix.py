@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dcr_fast import atomic
 from dcr_fast.ntk.block import check_options, encode
 from dcr_fast.ntk.exact import ProbeFeatures, probe_gram, prompt_probes
 from dcr_fast.ntk.fd import fd_blocks
@@ -165,7 +165,7 @@ def save_heatmap(result: EntkMatrix, path: str | os.PathLike, title: str = "norm
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    _atomic(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=120))
+    atomic.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), suffix=".png")
     plt.close(fig)
 
 
@@ -293,7 +293,7 @@ class _ChunkStore:
                     f"(previous config: {previous.get('config')})"
                 )
         else:
-            _atomic(run_file, lambda handle: handle.write(json.dumps(run, indent=1).encode()))
+            atomic.write_json(run_file, run, indent=1)
 
     def _chunk(self, start: int) -> Path:
         return self.root / "chunks" / f"rows_{start:08d}.npy"
@@ -303,20 +303,11 @@ class _ChunkStore:
         return np.load(path) if path.exists() else None
 
     def save(self, start: int, block: np.ndarray) -> None:
-        _atomic(self._chunk(start), lambda handle: np.save(handle, block))
+        atomic.write(self._chunk(start), lambda tmp: np.save(tmp, block), suffix=".npy")
 
     def finish(self, result: EntkMatrix) -> None:
-        _atomic(self.root / "matrix.npy", lambda handle: np.save(handle, result.normalized))
+        atomic.write(self.root / "matrix.npy", lambda tmp: np.save(tmp, result.normalized), suffix=".npy")
         summary = {"groups": result.group_names, "labels": result.labels, "means": result.means_dict()}
-        _atomic(self.root / "means.json", lambda handle: handle.write(json.dumps(summary, indent=1).encode()))
+        atomic.write_json(self.root / "means.json", summary, indent=1)
         save_heatmap(result, self.root / "heatmap.png")
 
-
-def _atomic(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dcr_fast import atomic
 from dcr_fast.config import add_config_arguments, config_from_args, config_to_dict, save_yaml
 
 IGNORE_INDEX = -100
@@ -378,7 +378,7 @@ def finish_run(summary: dict[str, Any], model, tokenizer, config: TrainConfig) -
         model.eval()
         summary["outputs"] = save_trained_model(model, tokenizer, config.out, lora=config.lora)
     summary["config"] = config_to_dict(config)
-    atomic_write_json(summary, os.path.join(config.out, "summary.json"))
+    atomic.write_json(os.path.join(config.out, "summary.json"), summary)
     return summary
 
 
@@ -395,7 +395,7 @@ def _save_checkpoint(path: str, model, optimizer, config, step: int) -> None:
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    atomic_torch_save(state, path)
+    atomic.write(path, lambda tmp: torch.save(state, tmp))
 
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -420,39 +420,7 @@ def _restore(path: str, model, optimizer, config) -> int:
     return int(state["step"])
 
 
-# --- atomic outputs -------------------------------------------------------------------------------
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
-    """Yield a temporary directory that replaces ``path`` only once the block succeeds."""
-    tmp, old = f"{path}.tmp", f"{path}.old"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+# --- outputs ---------------------------------------------------------------------------------------
 
 
 def save_trained_model(model, tokenizer, out_dir: str, lora: bool) -> dict[str, str]:
@@ -464,12 +432,12 @@ def save_trained_model(model, tokenizer, out_dir: str, lora: bool) -> dict[str, 
     paths = {}
     if lora:
         adapter = os.path.join(out_dir, "adapter")
-        with atomic_directory(adapter) as tmp:
+        with atomic.directory(adapter) as tmp:
             model.save_pretrained(tmp)
         paths["adapter"] = adapter
         model = model.merge_and_unload()
     merged = os.path.join(out_dir, "model")
-    with atomic_directory(merged) as tmp:
+    with atomic.directory(merged) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     paths["model"] = merged
@@ -486,10 +454,7 @@ def _truncate_log(path: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(kept))
 
 
 def check_model_and_out(config: TrainConfig) -> None:
