@@ -93,11 +93,12 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
     labels, ref_labels, pairs = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
     cdtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     zero = (embeddings * 0).sum()
+    n_ref = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
 
     if pairs is not None:
         if all(len(t) <= 1 for t in pairs):  # PML returns zero for ≤ 1 pair of each kind
             return zero
-        pos_count, neg_count, structure = _pair_structure(pairs, embeddings.shape[0], _ref_size(embeddings, ref_emb))
+        pos_count, neg_count, structure = _pair_structure(pairs, embeddings.shape[0], n_ref)
     else:
         exclude_diag = ref_emb is None or ref_labels is labels
         pos_count, neg_count = _label_counts(labels, ref_labels, exclude_diag)
@@ -106,7 +107,7 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
         structure = (labels, ref_labels, exclude_diag)
 
     if backend == "auto":
-        backend = _auto_backend(embeddings, _ref_size(embeddings, ref_emb))
+        backend = _auto_backend(embeddings, n_ref)
     x_hat = F.normalize(embeddings.to(cdtype), dim=1)
     r_hat = x_hat if ref_emb is None else F.normalize(ref_emb.to(cdtype), dim=1)
 
@@ -220,8 +221,9 @@ def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_ro
     for start in range(0, labels.shape[0], chunk_rows):
         sl = slice(start, min(start + chunk_rows, labels.shape[0]))
         same = labels[sl, None] == ref_labels[None, :]
-        pos = same & (cols[None, :] != torch.arange(sl.start, sl.stop, device=labels.device)[:, None]) \
-            if exclude_diag else same
+        pos = same
+        if exclude_diag:
+            pos = same & (cols[None, :] != cols[sl, None])
         yield sl, pos, ~same
 
 
@@ -343,10 +345,6 @@ def _dense_pair_masks(structure, x_hat: Tensor, r_hat: Tensor) -> tuple[Tensor, 
         mask[a, b] = True
         masks.append(mask)
     return masks[0], masks[1]
-
-
-def _ref_size(embeddings: Tensor, ref_emb: Tensor | None) -> int:
-    return embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
 
 
 def _auto_backend(embeddings: Tensor, n_ref: int) -> str:
