@@ -8,10 +8,12 @@ General instruction data and (toxic prompt, refusal) pairs are mixed and shuffle
 STL-aug adds (seemingly toxic prompt, compliant answer) pairs through ``--aug-data``.
 
 Where it is fast: each micro-batch is packed into one padding-free row (position ids restart
-at every example, no attention mask, ``use_cache=False``), so no token is padding; SDPA, or
-flash-attn 2 when installed; bf16 autocast on CUDA; optional gradient checkpointing. The loss
-of an optimizer step is the mean over all response tokens of its 128 examples, so packing and
-accumulation do not change the numbers (tested against the padded computation).
+at every example, no attention mask, ``use_cache=False``), so no token is padding; the output
+layer projects only the positions whose next token is a target (``logits_to_keep``), so the
+prompt tokens, often most of a row, never reach the vocabulary-wide matmul and logits; SDPA,
+or flash-attn 2 when installed; bf16 autocast on CUDA; optional gradient checkpointing. The
+loss of an optimizer step is the mean over all response tokens of its 128 examples, so
+packing and accumulation do not change the numbers (tested against the padded computation).
 """
 
 from __future__ import annotations
@@ -142,18 +144,27 @@ def plan_steps(num_examples: int, config: SFTConfig) -> list[list[tuple[int, lis
     return steps
 
 
-def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.device) -> torch.Tensor:
+def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.device,
+                 all_logits: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the targeted tokens of ``batch``.
 
     ``packed``: one row, examples back to back, position ids restarting per example, no mask
-    (transformers derives the block-diagonal causal mask from the restarting positions).
-    Otherwise: right-padded rows with an attention mask, the reference computation.
+    (transformers derives the block-diagonal causal mask from the restarting positions), and
+    logits only at the targeted positions: ``logits_to_keep`` with a 1-D tensor of indices
+    makes the causal-LM head select those hidden states before its projection, so the
+    (positions x vocabulary) logits, their float copy and the softmax saved for backward
+    shrink by the share of prompt tokens. ``all_logits=True`` projects every position as the
+    padded path does (kept to measure the saving).
+    Otherwise: right-padded rows with an attention mask and logits everywhere, the reference.
     """
     if packed:
         input_ids = torch.tensor([[t for e in batch for t in e.input_ids]], device=device)
         positions = torch.tensor([[p for e in batch for p in range(len(e.input_ids))]], device=device)
-        targets = torch.tensor([[t for e in batch for t in e.targets]], device=device)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+        flat = [t for e in batch for t in e.targets]
+        keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
+        targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
+        keep_ids = torch.tensor(keep, dtype=torch.long, device=device)
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep_ids).logits
     else:
         width = max(len(e.input_ids) for e in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
@@ -165,9 +176,8 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
             mask[row, :n] = 1
             targets[row, :n] = torch.tensor(e.targets)
         logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+    return torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _response_tokens_per_step(plan, examples: list[Example]) -> list[int]:
