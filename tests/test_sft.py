@@ -1,8 +1,9 @@
-"""The lean packed SFT loss (logits only at targeted positions) against the padded reference.
+"""The lean packed SFT loss (logits only at targeted positions, in chunks) against the padded reference.
 
 Float64 tiny Qwen2 (tied) and Llama (untied) models with LoRA adapters whose B matrices are
 made non-zero, so every adapter gets a gradient; micro-batches of odd lengths, and examples
-truncated inside the prompt (no target left) alone or beside normal ones.
+truncated inside the prompt (no target left) alone or beside normal ones; chunk sizes that
+divide the targets unevenly.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ BATCHES = {
 }
 
 
+PACKED = [dict(), dict(chunk=1024), dict(chunk=7), dict(chunk=1), dict(all_logits=True)]  # one chunk, 7 (ragged), 1
+
+
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 @pytest.mark.parametrize("case", sorted(BATCHES))
 def test_lean_packed_loss_and_lora_grads_equal_padded(tokenizer, architecture, case):
@@ -75,8 +79,8 @@ def test_lean_packed_loss_and_lora_grads_equal_padded(tokenizer, architecture, c
     assert case != "odd-lengths" or all(len(e.input_ids) % 2 for e in batch)
     model = lora_model(tokenizer, architecture)
     loss_ref, grads_ref = loss_and_grads(model, batch, packed=False)
-    for all_logits in (False, True):
-        loss, grads = loss_and_grads(model, batch, packed=True, all_logits=all_logits)
+    for kwargs in PACKED:
+        loss, grads = loss_and_grads(model, batch, packed=True, **kwargs)
         torch.testing.assert_close(loss, loss_ref, rtol=RTOL, atol=ATOL)
         assert grads.keys() == grads_ref.keys() and any("lora_A" in n for n in grads)
         for name in grads:
@@ -87,18 +91,34 @@ def test_lean_packed_loss_and_lora_grads_equal_padded(tokenizer, architecture, c
         assert loss_ref == 0
 
 
-def test_lean_packed_projects_only_targeted_positions(tokenizer):
-    """The head sees as many positions as there are targets, not the row's length."""
+def test_output_layer_sees_only_targeted_positions_in_chunks(tokenizer):
+    """The head sees as many positions as there are targets, not the row's length, ``chunk`` at a
+    time (and each chunk again in backward, where it is recomputed)."""
     batch = [tokenize_example(tokenizer, *pair, SFTConfig()) for pair in PAIRS]
+    targeted = sum(t != IGNORE_INDEX for e in batch for t in e.targets)
+    total = sum(len(e.input_ids) for e in batch)
     model = lora_model(tokenizer, "qwen2")
     seen = []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-2]))
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
-        with torch.no_grad():
-            sft_loss_sum(model, batch, packed=True, device=CPU)
-            sft_loss_sum(model, batch, packed=True, device=CPU, all_logits=True)
+        sft_loss_sum(model, batch, packed=True, device=CPU, chunk=10).backward()
+        chunked, seen[:] = list(seen), []
+        sft_loss_sum(model, batch, packed=True, device=CPU)
+        whole, seen[:] = list(seen), []
+        sft_loss_sum(model, batch, packed=True, device=CPU, all_logits=True)
     finally:
         handle.remove()
-    targeted = sum(t != IGNORE_INDEX for e in batch for t in e.targets)
-    assert seen == [targeted, sum(len(e.input_ids) for e in batch)] and targeted < seen[1]
+    pieces = [10] * (targeted // 10) + [targeted % 10] * bool(targeted % 10)
+    forward, backward = chunked[: len(pieces)], chunked[len(pieces) :]
+    assert forward == pieces and sorted(backward) == sorted(pieces)  # backward recomputes in its own order
+    assert targeted < total and whole == [targeted] and seen == [total]
+
+
+def test_logit_transforms_are_refused(tokenizer):
+    model = lora_model(tokenizer, "qwen2")
+    model.config.final_logit_softcapping = 30.0
+    batch = [tokenize_example(tokenizer, *PAIRS[0], SFTConfig())]
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        sft_loss_sum(model, batch, packed=True, device=CPU)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        SFTConfig(loss_chunk=-1)

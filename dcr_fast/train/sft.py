@@ -9,8 +9,9 @@ STL-aug adds (seemingly toxic prompt, compliant answer) pairs through ``--aug-da
 
 Where it is fast: each micro-batch is packed into one padding-free row (position ids restart
 at every example, no attention mask, ``use_cache=False``), so no token is padding; the output
-layer projects only the positions whose next token is a target (``logits_to_keep``), so the
-prompt tokens, often most of a row, never reach the vocabulary-wide matmul and logits; SDPA,
+layer projects only the positions whose next token is a target, so prompt tokens never
+reach the vocabulary-wide matmul, and at most ``loss_chunk`` positions at a time, so the
+logits of a long micro-batch never exist whole (each chunk is recomputed in backward); SDPA,
 or flash-attn 2 when installed; bf16 autocast on CUDA; optional gradient checkpointing. The
 loss of an optimizer step is the mean over all response tokens of its 128 examples, so
 packing and accumulation do not change the numbers (tested against the padded computation).
@@ -23,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dcr_fast.train.common import (
     IGNORE_INDEX,
@@ -58,12 +60,15 @@ class SFTConfig(TrainConfig):
     packing: bool = dataclasses.field(default=True, metadata={"help": "padding-free packed micro-batches (--no-packing pads)"})
     train_on_prompt: bool = dataclasses.field(default=False, metadata={"help": "also put loss on prompt tokens (language pretraining)"})
     gradient_checkpointing: bool = False
+    loss_chunk: int = dataclasses.field(default=1024, metadata={"help": "packed: response positions per output-layer chunk, bounding logits memory to loss_chunk x vocabulary (0: no bound)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("micro_batch_size", "grad_accum", "max_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk: expected 0 (no chunking) or a positive integer, got {self.loss_chunk}")
 
 
 @dataclasses.dataclass
@@ -91,7 +96,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         step, indices = micro
         batch = [examples[i] for i in indices]
         with autocast:
-            loss_sum = sft_loss_sum(model, batch, packed=config.packing, device=device)
+            loss_sum = sft_loss_sum(model, batch, packed=config.packing, device=device, chunk=config.loss_chunk)
         return StepResult(loss=loss_sum / step_tokens[step], tokens=sum(len(e.input_ids) for e in batch))
 
     summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="sft")
@@ -144,40 +149,72 @@ def plan_steps(num_examples: int, config: SFTConfig) -> list[list[tuple[int, lis
     return steps
 
 
-def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.device,
+def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.device, chunk: int = 0,
                  all_logits: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the targeted tokens of ``batch``.
 
     ``packed``: one row, examples back to back, position ids restarting per example, no mask
-    (transformers derives the block-diagonal causal mask from the restarting positions), and
-    logits only at the targeted positions: ``logits_to_keep`` with a 1-D tensor of indices
-    makes the causal-LM head select those hidden states before its projection, so the
-    (positions x vocabulary) logits, their float copy and the softmax saved for backward
-    shrink by the share of prompt tokens. ``all_logits=True`` projects every position as the
-    padded path does (kept to measure the saving).
-    Otherwise: right-padded rows with an attention mask and logits everywhere, the reference.
+    (transformers derives the block-diagonal causal mask from the restarting positions). The
+    decoder runs on the row and the output layer only on the hidden states of targeted
+    positions, ``chunk`` of them at a time when there are more (0: all at once): each
+    chunk's logits live only inside a checkpoint, recomputed in backward, so logits memory
+    is bounded by ``chunk`` x vocabulary whatever the micro-batch. ``all_logits=True``
+    projects every position in one piece, as the padded path does (kept to measure the
+    saving). Otherwise: right-padded rows with an attention mask and the model's own logits
+    everywhere, the reference.
     """
-    if packed:
-        input_ids = torch.tensor([[t for e in batch for t in e.input_ids]], device=device)
-        positions = torch.tensor([[p for e in batch for p in range(len(e.input_ids))]], device=device)
-        flat = [t for e in batch for t in e.targets]
-        keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
-        targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
-        keep_ids = torch.tensor(keep, dtype=torch.long, device=device)
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep_ids).logits
-    else:
-        width = max(len(e.input_ids) for e in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(input_ids)
-        targets = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, e in enumerate(batch):
-            n = len(e.input_ids)
-            input_ids[row, :n] = torch.tensor(e.input_ids)
-            mask[row, :n] = 1
-            targets[row, :n] = torch.tensor(e.targets)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
-    return torch.nn.functional.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if not packed:
+        return _padded_loss_sum(model, batch, device)
+    input_ids = torch.tensor([[t for e in batch for t in e.input_ids]], device=device)
+    positions = torch.tensor([[p for e in batch for p in range(len(e.input_ids))]], device=device)
+    flat = [t for e in batch for t in e.targets]
+    keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
+    targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+    hidden = hidden[0, torch.tensor(keep, dtype=torch.long, device=device)]
+    head = _output_layer(model)
+    if all_logits or not chunk or len(keep) <= chunk:
+        return _head_loss_sum(head, hidden, targets)
+    return sum(checkpoint(_head_loss_sum, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+               for i in range(0, len(keep), chunk))
+
+
+def _padded_loss_sum(model, batch: list[Example], device: torch.device) -> torch.Tensor:
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(input_ids)
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        targets[row, :n] = torch.tensor(e.targets)
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    return _cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
+
+
+def _head_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _cross_entropy_sum(head(hidden), targets)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# Config fields of architectures whose causal-LM forward transforms the logits after the output
+# layer (Gemma's soft-capping, Cohere's and Granite's scales, ...): the packed path, which applies
+# the output layer itself, would silently drop the transform.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def _output_layer(model):
+    config = model.config
+    transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        raise ValueError(f"model: its logits are transformed after the output layer ({', '.join(transforms)}), "
+                         "which the packed loss does not apply; train it with --no-packing")
+    return model.get_output_embeddings()
 
 
 def _response_tokens_per_step(plan, examples: list[Example]) -> list[int]:
