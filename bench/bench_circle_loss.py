@@ -189,6 +189,11 @@ def run(config: CircleBenchConfig) -> list[Row]:
     print(summary_table(rows))
     if device.type == "cuda":
         print(verdict_table(rows))
+    if "triton" in plan.impls and rows:
+        from dcr_fast.kernels.circle_loss import tuned_configs
+
+        results.run["triton_tiles"] = tuned_configs()  # what the autotuner picked per shape class
+        results.save()
     print(f"results: {results.path}")
     return rows
 

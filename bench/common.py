@@ -341,11 +341,15 @@ class ResultsFile:
 
     def add(self, row: Row) -> Row:
         self.run["rows"].append(dataclasses.asdict(row))
+        self.save()
+        return row
+
+    def save(self) -> None:
+        """Write this run (rows and any other keys set on ``run``) into the file, beside earlier runs."""
         data = load_results(self.path) if self.path.exists() else {"bench": self.bench, "runs": []}
         runs = [r for r in data["runs"] if r["run_id"] != self.run["run_id"]]
         data["runs"] = runs + [self.run]
         atomic.write_json(self.path, data, indent=1)
-        return row
 
 
 def load_results(path: Path | str) -> dict[str, Any]:

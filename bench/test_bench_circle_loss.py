@@ -144,6 +144,8 @@ def test_triton_rows_under_the_interpreter(tmp_path) -> None:
     (path,) = tmp_path.glob("circle_loss-*.json")
     triton_rows = [row for _, row in rows_of(load_results(path)) if row.impl == "triton"]
     assert [r.mode for r in triton_rows] == ["fwd", "fwd+bwd"]
+    tiles = load_results(path)["runs"][-1]["triton_tiles"]
+    assert tiles["fwd"] and tiles["bwd"], tiles
     for r in triton_rows:
         assert r.ok and r.metrics["grad_rel_err"] < 1e-4 and "speedup_vs_torch" in r.metrics, r
 

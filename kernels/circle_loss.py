@@ -25,6 +25,12 @@ recomputed tile by tile, and contracts it two ways: dX̂ = dS·R̂ and dR̂ = dS
 
 Accumulation is fp32 (fp64 for fp64 inputs). fp32 dots honour
 ``torch.backends.cuda.matmul.allow_tf32`` (IEEE unless TF32 is allowed, as torch.matmul).
+
+Tile shapes are chosen by ``triton.autotune`` on the GPU from a short list per kernel
+(:data:`CONFIGS`), keyed on d, the size class of the batch and the dtypes, so each GPU picks
+by measurement on its first call of a shape class; :func:`tuned_configs` reports the picks.
+When the row (or column) block's whole d fits in one BLOCK_D chunk, that block is loaded once
+and kept in registers for the sweep over the other side instead of being re-read per tile.
 """
 
 from __future__ import annotations
@@ -51,20 +57,46 @@ def _load_tile(P, idx, n, stride, cols, n_cols):
 
 
 @triton.jit
-def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r,
-              BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr):
-    """S[rows, cols] = X̂[rows] · R̂[cols]ᵀ accumulated over d in chunks of BLOCK_D."""
+def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, x_res, r_res,
+              X_RES: tl.constexpr, R_RES: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """S[rows, cols] = X̂[rows] · R̂[cols]ᵀ accumulated over d in chunks of BLOCK_D.
+
+    ``X_RES`` / ``R_RES``: that side's tile is already in registers (``x_res`` / ``r_res``,
+    from :func:`_resident_tile`; d fits one chunk), the other side is loaded here.
+    """
+    if X_RES or R_RES:
+        dd = tl.arange(0, BLOCK_D)
+        x = x_res if X_RES else _input_tile(X, rows, B, stride_x, dd, D, ACC, UPCAST)
+        r = r_res if R_RES else _input_tile(R, cols, M, stride_r, dd, D, ACC, UPCAST)
+        return tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        x = _load_tile(X, rows, B, stride_x, dd, D)
-        r = _load_tile(R, cols, M, stride_r, dd, D)
-        if UPCAST:
-            x = x.to(ACC)
-            r = r.to(ACC)
+        x = _input_tile(X, rows, B, stride_x, dd, D, ACC, UPCAST)
+        r = _input_tile(R, cols, M, stride_r, dd, D, ACC, UPCAST)
         acc += tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
     return acc
+
+
+@triton.jit
+def _input_tile(P, idx, n, stride, cols, n_cols, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of an input matrix as the dots take it (up-cast in the interpreter)."""
+    t = _load_tile(P, idx, n, stride, cols, n_cols)
+    if UPCAST:
+        t = t.to(ACC)
+    return t
+
+
+@triton.jit
+def _resident_tile(P, idx, n, stride, D, RESIDENT: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """The owned block's whole rows when they fit one chunk (else a placeholder never read)."""
+    if RESIDENT:
+        tile = _input_tile(P, idx, n, stride, tl.arange(0, BLOCK_D), D, ACC, UPCAST)
+    else:
+        tile = 0.0
+    return tile
 
 
 @triton.jit
@@ -90,11 +122,13 @@ def _logits(s, o_p, o_n, delta_p, delta_n, gamma):
 
 @triton.jit
 def _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, cols, B, M, D, stride_x, stride_r,
-             o_p, o_n, delta_p, delta_n, gamma,
-             EXCLUDE_DIAG: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-             UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+             x_res, r_res, o_p, o_n, delta_p, delta_n, gamma,
+             EXCLUDE_DIAG: tl.constexpr, X_RES: tl.constexpr, R_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+             ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr):
     """dL/dS on one tile, from the saved row log-sum-exps and their upstream gradients."""
-    s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+    s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, x_res, r_res, X_RES, R_RES, BLOCK_D, ACC,
+                  UPCAST, PRECISION, BM, BN)
     pos, neg = _pair_masks(Ylab, Rlab, rows, cols, B, M, EXCLUDE_DIAG)
     lp, ln, alpha_p, alpha_n = _logits(s, o_p, o_n, delta_p, delta_n, gamma)
     rmask = rows < B
@@ -117,19 +151,21 @@ def _dot_in_input_dtype(ds, y, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISIO
 
 
 @triton.jit
-def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride_r,
+def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride_r, SIZE_CLASS,
                        o_p: tl.constexpr, o_n: tl.constexpr, delta_p: tl.constexpr, delta_n: tl.constexpr,
-                       gamma: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       gamma: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, RESIDENT: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    x_res = _resident_tile(X, rows, B, stride_x, D, RESIDENT, BLOCK_D, ACC, UPCAST)
     max_p = tl.full((BM,), float("-inf"), ACC)
     max_n = tl.full((BM,), float("-inf"), ACC)
     sum_p = tl.zeros((BM,), ACC)
     sum_n = tl.zeros((BM,), ACC)
     for c0 in range(0, M, BN):
         cols = c0 + tl.arange(0, BN)
-        s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+        s = _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, x_res, 0.0, RESIDENT, False, BLOCK_D, ACC,
+                      UPCAST, PRECISION, BM, BN)
         pos, neg = _pair_masks(Ylab, Rlab, rows, cols, B, M, EXCLUDE_DIAG)
         lp, ln, _, _ = _logits(s, o_p, o_n, delta_p, delta_n, gamma)
         lp = tl.where(pos, lp, float("-inf"))
@@ -152,8 +188,9 @@ def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride
 
 @triton.jit
 def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
-                       stride_x, stride_r, stride_out, o_p: tl.constexpr, o_n: tl.constexpr,
-                       delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, FOR_REF: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr,
+                       stride_x, stride_r, stride_out, SIZE_CLASS, o_p: tl.constexpr, o_n: tl.constexpr,
+                       delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, FOR_REF: tl.constexpr,
+                       EXCLUDE_DIAG: tl.constexpr, RESIDENT: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dX̂ (FOR_REF=False: a row block loops over column tiles, acc += dS·R̂) or
@@ -161,21 +198,25 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
     dout = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if FOR_REF:
         own = tl.program_id(0) * BN + tl.arange(0, BN)
+        r_res = _resident_tile(R, own, M, stride_r, D, RESIDENT, BLOCK_D, ACC, UPCAST)
         acc = tl.zeros((BN, BLOCK_DO), ACC)
         for r0 in range(0, B, BM):
             rows = r0 + tl.arange(0, BM)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, own, B, M, D, stride_x, stride_r,
-                          o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+                          0.0, r_res, o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, False, RESIDENT, BLOCK_D,
+                          ACC, UPCAST, PRECISION, BM, BN)
             x = _load_tile(X, rows, B, stride_x, dout, D)
             acc += _dot_in_input_dtype(tl.trans(ds), x, ACC, UPCAST, PRECISION)
         n_own = M
     else:
         own = tl.program_id(0) * BM + tl.arange(0, BM)
+        x_res = _resident_tile(X, own, B, stride_x, D, RESIDENT, BLOCK_D, ACC, UPCAST)
         acc = tl.zeros((BM, BLOCK_DO), ACC)
         for c0 in range(0, M, BN):
             cols = c0 + tl.arange(0, BN)
             ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, own, cols, B, M, D, stride_x, stride_r,
-                          o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+                          x_res, 0.0, o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, RESIDENT, False, BLOCK_D,
+                          ACC, UPCAST, PRECISION, BM, BN)
             r = _load_tile(R, cols, M, stride_r, dout, D)
             acc += _dot_in_input_dtype(ds, r, ACC, UPCAST, PRECISION)
         n_own = B
@@ -184,38 +225,90 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
 
 
 @triton.jit
-def _circle_ds_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, DS, row0, B, M, D,
-                      stride_x, stride_r, stride_ds, o_p: tl.constexpr, o_n: tl.constexpr,
-                      delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _circle_ds_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, DS, row0, n_rows, B, M, D,
+                      stride_x, stride_r, stride_ds, SIZE_CLASS, o_p: tl.constexpr, o_n: tl.constexpr,
+                      delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr,
+                      EXCLUDE_DIAG: tl.constexpr, RESIDENT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """Writes dS for rows [row0, row0 + grid0·BM) into a chunk buffer (large-d backward)."""
+    """Writes dS for rows [row0, row0 + n_rows) into a chunk buffer (large-d backward)."""
     local = tl.program_id(0) * BM + tl.arange(0, BM)
     rows = row0 + local
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    x_res = _resident_tile(X, rows, B, stride_x, D, RESIDENT, BLOCK_D, ACC, UPCAST)
     ds = _ds_tile(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, rows, cols, B, M, D, stride_x, stride_r,
-                  o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, BLOCK_D, ACC, UPCAST, PRECISION, BM, BN)
+                  x_res, 0.0, o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG, RESIDENT, False, BLOCK_D, ACC,
+                  UPCAST, PRECISION, BM, BN)
     tl.store(DS + local[:, None].to(tl.int64) * stride_ds + cols[None, :], ds.to(DS.dtype.element_ty),
-             mask=(rows[:, None] < B) & (cols[None, :] < M))
+             mask=(local[:, None] < n_rows) & (rows[:, None] < B) & (cols[None, :] < M))
 
 
 # ----------------------------------------------------------------------------- host side
 
 
-def _launch_params(x: torch.Tensor) -> dict:
+def _config(bm: int, bn: int, block_d: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BM=bm, BN=bn, BLOCK_D=block_d), num_warps=warps, num_stages=stages)
+
+
+# Candidate tiles per kernel on the GPU (fp16/bf16/fp32), short lists so the first call of a
+# shape class tunes in seconds. fp64 has no fast tensor-core path and gets small tiles.
+CONFIGS = {
+    "fwd": [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3), _config(64, 128, 64, 4, 3),
+            _config(128, 128, 64, 8, 3), _config(64, 64, 128, 4, 2), _config(128, 64, 128, 8, 2)],
+    "bwd": [_config(64, 64, 64, 4, 2), _config(64, 64, 128, 4, 2), _config(128, 64, 64, 8, 2),
+            _config(64, 128, 64, 8, 2), _config(32, 64, 64, 4, 2)],
+    "ds": [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3), _config(64, 128, 64, 4, 3),
+           _config(128, 128, 64, 8, 3), _config(128, 128, 32, 8, 4)],
+}
+FP64_CONFIGS = [_config(32, 32, 32, 4, 2), _config(64, 32, 32, 4, 2)]
+# The CPU interpreter ignores warps and stages; small tiles keep it quick.
+INTERPRET_CONFIG = _config(16, 16, 32, 1, 1)
+_MAX_BM = 128  # the largest BM above: dS row chunks are multiples of it
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """fp64 gets its own list; a BLOCK_D far wider than d only wastes registers."""
+    if named_args["X"].dtype == torch.float64:
+        return FP64_CONFIGS
+    widest = max(64, triton.next_power_of_2(named_args["D"]))
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= widest]
+
+
+def _tuned(kernel, kind: str, key: tuple[str, ...] = ()):
+    configs = [INTERPRET_CONFIG] if _INTERPRET else CONFIGS[kind]
+    resident = triton.heuristics({"RESIDENT": lambda args: args["D"] <= args["BLOCK_D"]})(kernel)
+    # The autotuner adds the tensors' dtypes to the key.
+    return triton.autotune(configs, key=["D", "SIZE_CLASS", "PRECISION", *key],
+                           prune_configs_by={"early_config_prune": _prune})(resident)
+
+
+_circle_fwd = _tuned(_circle_fwd_kernel, "fwd")
+_circle_bwd = _tuned(_circle_bwd_kernel, "bwd", key=("FOR_REF",))
+_circle_ds = _tuned(_circle_ds_kernel, "ds")
+_TUNED = {"fwd": _circle_fwd, "bwd": _circle_bwd, "ds": _circle_ds}
+
+
+def tuned_configs() -> dict[str, dict[str, str]]:
+    """The tile configs chosen so far: ``{kernel: {autotune key: config}}`` (for benchmark records);
+    a kernel with a single candidate (the interpreter's) reports it under the key ``"any"``."""
+    return {name: {str(key): str(config) for key, config in kernel.cache.items()}
+            or ({"any": str(kernel.configs[0])} if len(kernel.configs) == 1 else {})
+            for name, kernel in _TUNED.items()}
+
+
+def _size_class(B: int, M: int) -> int:
+    """Batches within a factor of two share a tuning; the best tiles change with occupancy."""
+    return min(B, M).bit_length()
+
+
+def _dtype_params(x: torch.Tensor) -> dict:
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     if x.dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
     else:
         precision = "ieee"
     upcast = _INTERPRET and x.dtype in (torch.bfloat16, torch.float16)
-    if _INTERPRET:
-        blocks = dict(BM=16, BN=16, BLOCK_D=32)
-    elif x.dtype == torch.float64:
-        blocks = dict(BM=32, BN=32, BLOCK_D=32)
-    else:
-        blocks = dict(BM=64, BN=64, BLOCK_D=64)
-    return dict(ACC=acc, UPCAST=upcast, PRECISION=precision, **blocks)
+    return dict(ACC=acc, UPCAST=upcast, PRECISION=precision)
 
 
 def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
@@ -227,11 +320,9 @@ def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.T
     acc_dtype = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
     lse_p = torch.empty(B, device=x_hat.device, dtype=acc_dtype)
     lse_n = torch.empty_like(lse_p)
-    p = _launch_params(x_hat)
-    grid = (triton.cdiv(B, p["BM"]),)
-    _circle_fwd_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, B, M, D,
-                             x_hat.stride(0), r_hat.stride(0), o_p, o_n, delta_p, delta_n, gamma,
-                             EXCLUDE_DIAG=exclude_diag, **p)
+    _circle_fwd[lambda meta: (triton.cdiv(B, meta["BM"]),)](
+        x_hat, r_hat, labels, ref_labels, lse_p, lse_n, B, M, D, x_hat.stride(0), r_hat.stride(0),
+        _size_class(B, M), o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG=exclude_diag, **_dtype_params(x_hat))
     return lse_p, lse_n
 
 
@@ -254,34 +345,34 @@ def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.
     lse_n = torch.where(torch.isfinite(lse_n), lse_n, torch.zeros_like(lse_n))
     g_p = g_p.to(acc_dtype).contiguous()
     g_n = g_n.to(acc_dtype).contiguous()
-    p = _launch_params(x_hat)
-    scalars = (o_p, o_n, delta_p, delta_n, gamma)
+    p = _dtype_params(x_hat)
+    scalars = (_size_class(B, M), o_p, o_n, delta_p, delta_n, gamma)
     if fused is None:
         fused = D <= FUSED_BWD_MAX_D
     dx = torch.empty(B, D, device=x_hat.device, dtype=acc_dtype)
     dr = torch.empty(M, D, device=x_hat.device, dtype=acc_dtype)
     if fused:
         block_do = 16 if _INTERPRET else min(max(triton.next_power_of_2(D), 16), 128)
-        for out, for_ref, n in ((dx, False, p["BM"]), (dr, True, p["BN"])):
-            grid = (triton.cdiv(B if not for_ref else M, n), triton.cdiv(D, block_do))
-            _circle_bwd_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, out,
-                                     B, M, D, x_hat.stride(0), r_hat.stride(0), out.stride(0), *scalars,
-                                     FOR_REF=for_ref, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **p)
+        for out, for_ref, n, tile in ((dx, False, B, "BM"), (dr, True, M, "BN")):
+            grid = lambda meta, n=n, tile=tile: (triton.cdiv(n, meta[tile]), triton.cdiv(D, block_do))  # noqa: E731
+            _circle_bwd[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, out, B, M, D,
+                              x_hat.stride(0), r_hat.stride(0), out.stride(0), *scalars,
+                              FOR_REF=for_ref, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **p)
         return dx, dr
     # dS is stored in the input dtype so the two products run on tensor cores; the fp32
     # accumulation inside each product is unchanged.
     ds_dtype = acc_dtype if x_hat.dtype == torch.float32 else x_hat.dtype
     elem = torch.empty((), dtype=ds_dtype).element_size()
-    chunk = max(p["BM"], min(B, DS_CHUNK_BYTES // max(1, M * elem)) // p["BM"] * p["BM"])
-    ds = torch.empty(chunk, M, device=x_hat.device, dtype=ds_dtype)
+    chunk = max(_MAX_BM, min(B, DS_CHUNK_BYTES // max(1, M * elem)) // _MAX_BM * _MAX_BM)
+    ds = torch.empty(min(chunk, B), M, device=x_hat.device, dtype=ds_dtype)
     dr.zero_()
     r_mm = r_hat if ds_dtype == r_hat.dtype else r_hat.to(ds_dtype)
     for row0 in range(0, B, chunk):
         n = min(chunk, B - row0)
-        grid = (triton.cdiv(n, p["BM"]), triton.cdiv(M, p["BN"]))
-        _circle_ds_kernel[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, ds, row0,
-                                B, M, D, x_hat.stride(0), r_hat.stride(0), ds.stride(0), *scalars,
-                                EXCLUDE_DIAG=exclude_diag, **p)
+        grid = lambda meta, n=n: (triton.cdiv(n, meta["BM"]), triton.cdiv(M, meta["BN"]))  # noqa: E731
+        _circle_ds[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, ds, row0, n, B, M, D,
+                         x_hat.stride(0), r_hat.stride(0), ds.stride(0), *scalars,
+                         EXCLUDE_DIAG=exclude_diag, **p)
         x_mm = x_hat[row0:row0 + n].to(ds_dtype)
         dx[row0:row0 + n] = torch.matmul(ds[:n], r_mm).to(acc_dtype)
         dr += torch.matmul(ds[:n].t(), x_mm).to(acc_dtype)

@@ -137,6 +137,39 @@ def test_triton_matches_reference(shape, variant, m, gamma, fused_backward, dtyp
         assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()), what=name)
 
 
+# Every tile config the GPU autotuner may pick, forced on all three kernels in turn: tile
+# edges, the dS row chunks and the resident-block path (d ≤ BLOCK_D: here BLOCK_D = 128) must
+# not change a number. Dtype handling is the job of the tests above; fp32 stands for the
+# tensor-core dtypes here (the interpreter up-casts them alike).
+_TILES = {tuple(c.kwargs.values()): c for configs in kernels.CONFIGS.values() for c in configs}
+CANDIDATES = [(c, torch.float32) for c in _TILES.values()] + [(c, torch.float64) for c in kernels.FP64_CONFIGS]
+
+
+@pytest.mark.parametrize("fused_backward", [True, False])
+@pytest.mark.parametrize("config,dtype", CANDIDATES, ids=lambda v: str(v.kwargs) if hasattr(v, "kwargs") else str(v))
+def test_every_tile_config_matches_reference(config, dtype, fused_backward, monkeypatch):
+    for tuner in kernels._TUNED.values():
+        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(kernels, "FUSED_BWD_MAX_D", 10**9 if fused_backward else 0)
+    monkeypatch.setattr(kernels, "DS_CHUNK_BYTES", 131 * 4 * 130)  # dS in row chunks of 128 + 72
+    x, y, ref = _batch(200, 72, 7, 131, dtype)
+    l_ref, g_ref = _loss_and_grads(circle_loss, x.double(), y, (ref[0].double(), ref[1]), backend="torch")
+    l, g = _loss_and_grads(circle_loss, x, y, ref, backend="triton")
+    tol = TOL[dtype]
+    assert_close(l, l_ref, **tol, what="loss")
+    for a, b, name in zip(g, g_ref, ("d embeddings", "d ref_emb")):
+        assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()), what=name)
+
+
+def test_tile_pruning():
+    fp32, fp64 = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.float64)
+    assert kernels._prune(kernels.CONFIGS["fwd"], {"X": fp64, "D": 4096}) == kernels.FP64_CONFIGS
+    narrow = kernels._prune(kernels.CONFIGS["fwd"], {"X": fp32, "D": 40})
+    assert narrow and all(c.kwargs["BLOCK_D"] == 64 for c in narrow)
+    assert kernels._prune(kernels.CONFIGS["fwd"], {"X": fp32, "D": 4096}) == kernels.CONFIGS["fwd"]
+
+
 def test_triton_fp16_accumulates_in_fp32():
     x, y, _ = _batch(29, 20, 3, None, torch.float16)
     l_ref, g_ref = _loss_and_grads(circle_loss, x.double(), y, None, backend="torch")
