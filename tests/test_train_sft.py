@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -81,16 +82,49 @@ def test_response_mask_covers_exactly_the_response(tiny_model):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_and_grads_equal_padded(tiny_model, dtype, attn):
     model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation=attn, device=torch.device("cpu"))
-    model = model.to(dtype)
+    _check_packed_equals_padded(model.to(dtype), tokenizer, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2", "auto"])
+def test_packed_equals_padded_on_gpu(tiny_model, attn):
+    flash = importlib.util.find_spec("flash_attn") is not None
+    if attn == "flash_attention_2" and not flash:
+        pytest.skip("flash-attn is not installed")
+    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="bfloat16", attn_implementation=attn, device=torch.device("cuda"))
+    if attn == "auto":
+        assert model.config._attn_implementation == ("flash_attention_2" if flash else "sdpa")
+    _check_packed_equals_padded(model, tokenizer, TOL[torch.bfloat16])
+
+
+def test_auto_attention_is_sdpa_on_the_cpu_even_with_flash_attn(tiny_model, monkeypatch, recwarn):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cpu"))
+    assert model.config._attn_implementation == "sdpa"
+    # chosen directly, not by falling back from a failed flash-attn load
+    assert not [w for w in recwarn if "attn_implementation=auto" in str(w.message)]
+
+
+def test_auto_attention_falls_back_to_sdpa_with_a_warning(tiny_model, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # a "cuda" device that stays on the CPU
+    with pytest.warns(UserWarning, match="flash_attention_2 unavailable"):
+        model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _check_packed_equals_padded(model, tokenizer, tol: float) -> None:
+    device = next(model.parameters()).device
     batch = [tokenize_example(tokenizer, p, r, SFTConfig()) for p, r in PAIRS]  # lengths from 16 to 40
     results = []
     for packed in (True, False):
         model.zero_grad()
-        loss = sft_loss_sum(model, batch, packed=packed, device=torch.device("cpu"))
+        loss = sft_loss_sum(model, batch, packed=packed, device=device)
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
     (loss_packed, grads_packed), (loss_padded, grads_padded) = results
-    tol = TOL[dtype]
     torch.testing.assert_close(loss_packed, loss_padded, rtol=tol, atol=tol)
     for name in grads_packed:
         scale = grads_padded[name].abs().max().clamp_min(1e-6)

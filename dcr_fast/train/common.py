@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -110,9 +111,11 @@ def load_model_and_tokenizer(path: str, *, dtype: str, attn_implementation: str,
         attn = "flash_attention_2" if flash else "sdpa"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation=attn)
-    except (ImportError, ValueError):
+    except (ImportError, ValueError) as err:
         if attn_implementation != "auto":
             raise
+        # e.g. flash-attn installed but the model's dtype (fp32) or architecture is unsupported
+        warnings.warn(f"attn_implementation=auto: {attn} unavailable ({err}); using sdpa", stacklevel=2)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
     return model.to(device), tokenizer
 
