@@ -3,6 +3,7 @@ formats absent there on small files written here, the hub path with a stand-in `
 and every error path."""
 
 import collections
+import dataclasses
 import gzip
 import json
 import sys
@@ -172,6 +173,39 @@ def test_hub_errors(monkeypatch):
         load_benchmark("xstest")
     with pytest.raises(ValueError, match="no known hub copy"):
         load_benchmark("oktest")
+
+
+# --- the hub path through the real `datasets`, on local folders laid out like the hub repos ---
+
+# name -> ({path in the repo: real file under DATA}, README front matter declaring configs or None)
+HUB_LAYOUTS = {
+    "hh-rlhf-harmless": ({"harmless-base/test.jsonl.gz": "hh_rlhf/harmless-base/test.jsonl.gz"}, None),
+    "xstest": ({"xstest_prompts.csv": "xstest/xstest_prompts.csv"}, None),
+    "coconot-contrast": ({"contrast/test.jsonl": "coconot/coconot_contrast_eval.jsonl"},
+                         "configs:\n- config_name: contrast\n  data_files:\n  - split: test\n    path: contrast/test.jsonl\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_LAYOUTS))
+def test_hub_path_with_real_datasets_equals_local_file(name, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from dcr_fast.data.loaders import BENCHMARKS
+
+    files, front_matter = HUB_LAYOUTS[name]
+    repo = tmp_path / "repo"
+    for inside, real in files.items():
+        source = _real(real)
+        (repo / inside).parent.mkdir(parents=True, exist_ok=True)
+        (repo / inside).symlink_to(source)
+    if front_matter:
+        (repo / "README.md").write_text(f"---\n{front_matter}---\n")
+    spec = BENCHMARKS[name]
+    monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(spec, hub=dataclasses.replace(spec.hub, repo_id=str(repo))))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from_hub = load_benchmark(name)
+    local = load_benchmark(name, _real(next(iter(files.values()))))
+    assert from_hub == local
 
 
 # --- bad input ------------------------------------------------------------------------------
