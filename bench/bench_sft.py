@@ -87,7 +87,7 @@ PRESETS = {
     # (micro_batch, grad_accum, max_sentences): the recipe's micro-batch of varied lengths, and
     # the demo's micro-batch of 16 short, similar conversations.
     "cpu": dict(TINY, vocab_size=0, cases=[(4, 4, 8), (16, 1, 1)], budget_s=4.0),
-    "cpu-32k": dict(TINY, vocab_size=32768, cases=[(4, 4, 8)], budget_s=4.0),
+    "cpu-32k": dict(TINY, vocab_size=32768, cases=[(4, 4, 8), (16, 1, 1)], budget_s=4.0),
     # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied.
     "gpu": dict(hidden_size=1536, layers=28, heads=12, kv_heads=2, intermediate_size=8960, vocab_size=151936,
                 cases=[(4, 8, 40)], budget_s=10.0),
