@@ -170,9 +170,9 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
     flat = [t for e in batch for t in e.targets]
     keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
     targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
+    head = _output_layer(model)
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
     hidden = hidden[0, torch.tensor(keep, dtype=torch.long, device=device)]
-    head = _output_layer(model)
     if all_logits or not chunk or len(keep) <= chunk:
         return _head_loss_sum(head, hidden, targets)
     return sum(checkpoint(_head_loss_sum, head, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
