@@ -92,7 +92,7 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     labels, ref_labels, pairs = _check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
     cdtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    zero = (embeddings * 0).sum()
+    zero = embeddings.sum() * 0  # a zero with a (zero) gradient, as PML returns; no B×d temporary
     n_ref = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
 
     if pairs is not None:
@@ -108,8 +108,11 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
 
     if backend == "auto":
         backend = _auto_backend(embeddings, n_ref)
-    x_hat = F.normalize(embeddings.to(cdtype), dim=1)
-    r_hat = x_hat if ref_emb is None else F.normalize(ref_emb.to(cdtype), dim=1)
+    if backend == "triton" and pairs is None:
+        x_hat = r_hat = None  # normalized inside, in the kernels' dtype
+    else:
+        x_hat = F.normalize(embeddings.to(cdtype), dim=1)
+        r_hat = x_hat if ref_emb is None else F.normalize(ref_emb.to(cdtype), dim=1)
 
     if pairs is not None:
         if backend == "torch":
@@ -121,7 +124,7 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
     elif backend == "chunked":
         lse_p, lse_n = circle_lse_chunked(x_hat, r_hat, *structure, mg)
     else:
-        lse_p, lse_n = _circle_lse_triton(x_hat, r_hat, embeddings.dtype, *structure, mg)
+        lse_p, lse_n = _circle_lse_triton(embeddings, ref_emb, *structure, mg)
 
     has_p, has_n = pos_count > 0, neg_count > 0
     lse_p = torch.where(has_p, lse_p, torch.zeros_like(lse_p))
@@ -243,48 +246,97 @@ def _circle_lse_sparse(x_hat: Tensor, r_hat: Tensor, structure, mg: _Margins) ->
     return out[0], out[1]
 
 
-def _circle_lse_triton(x_hat: Tensor, r_hat: Tensor, kernel_dtype: torch.dtype, labels: Tensor,
-                       ref_labels: Tensor, exclude_diag: bool, mg: _Margins) -> tuple[Tensor, Tensor]:
-    if x_hat.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def _circle_lse_triton(embeddings: Tensor, ref_emb: Tensor | None, labels: Tensor, ref_labels: Tensor,
+                       exclude_diag: bool, mg: _Margins) -> tuple[Tensor, Tensor]:
+    if embeddings.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
-                         f"got embeddings on {x_hat.device}")
-    x_k = x_hat.to(kernel_dtype).contiguous()
-    r_k = x_k if r_hat is x_hat else r_hat.to(kernel_dtype).contiguous()
-    return _circle_lse_op(x_k, r_k, labels.contiguous(), ref_labels.contiguous(), exclude_diag,
+                         f"got embeddings on {embeddings.device}")
+    x_k = _UnitRows.apply(embeddings.contiguous())
+    same_ref = ref_emb is None
+    r_k = x_k if same_ref else _UnitRows.apply(ref_emb.to(embeddings.dtype).contiguous())
+    return _circle_lse_op(x_k, r_k, labels.contiguous(), ref_labels.contiguous(), exclude_diag, same_ref,
                           mg.o_p, mg.o_n, mg.delta_p, mg.delta_n, mg.gamma)
 
 
+class _UnitRows(torch.autograd.Function):
+    """``F.normalize(x.float(), dim=1).to(x.dtype)`` and its gradient, in row chunks.
+
+    The Triton path's normalization: computed in fp32 (fp64 for fp64) like the other
+    backends, but saving only x and the row norms, where F.normalize on an up-cast copy
+    would keep two fp32 B×d tensors alive (2 × 805 MB at B=131,072, d=1,536).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=_compute_dtype(x))
+        out = torch.empty_like(x)
+        for rows in _row_slices(x):
+            out[rows] = (x[rows].to(norms.dtype) / norms[rows, None].clamp_min(_NORM_EPS)).to(x.dtype)
+        ctx.save_for_backward(x, norms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, norms = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        for rows in _row_slices(x):
+            denom = norms[rows, None].clamp_min(_NORM_EPS)
+            unit = x[rows].to(norms.dtype) / denom
+            g = grad[rows].to(norms.dtype)
+            # Below eps F.normalize divides by the constant eps: no projection term.
+            along = (unit * g).sum(dim=1, keepdim=True) * (norms[rows, None] > _NORM_EPS)
+            dx[rows] = ((g - unit * along) / denom).to(x.dtype)
+        return dx
+
+
+_NORM_EPS = 1e-12  # F.normalize's default
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_slices(x: Tensor) -> list[slice]:
+    """Row chunks whose up-cast copies hold about CHUNK_ELEMENTS elements."""
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
 # The Triton launchers are wrapped as torch.library custom ops so torch.compile traces
-# through them (fake functions give shapes) and autograd pairs them up.
+# through them (fake functions give shapes) and autograd pairs them up. ``same_ref``: the
+# reference set is the batch itself (r_hat is x_hat); the backward then returns the summed
+# gradient as dX̂ and an empty dR̂, so no second B×d gradient is ever allocated.
 @torch.library.custom_op("dcr_fast::circle_lse", mutates_args=())
 def _circle_lse_op(x_hat: Tensor, r_hat: Tensor, labels: Tensor, ref_labels: Tensor, exclude_diag: bool,
-                   o_p: float, o_n: float, delta_p: float, delta_n: float, gamma: float) -> tuple[Tensor, Tensor]:
+                   same_ref: bool, o_p: float, o_n: float, delta_p: float, delta_n: float,
+                   gamma: float) -> tuple[Tensor, Tensor]:
     from dcr_fast.kernels.circle_loss import circle_lse_forward
 
     return circle_lse_forward(x_hat, r_hat, labels, ref_labels, exclude_diag, o_p, o_n, delta_p, delta_n, gamma)
 
 
 @_circle_lse_op.register_fake
-def _(x_hat, r_hat, labels, ref_labels, exclude_diag, o_p, o_n, delta_p, delta_n, gamma):
-    acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
+def _(x_hat, r_hat, labels, ref_labels, exclude_diag, same_ref, o_p, o_n, delta_p, delta_n, gamma):
+    acc = _compute_dtype(x_hat)
     return x_hat.new_empty(x_hat.shape[0], dtype=acc), x_hat.new_empty(x_hat.shape[0], dtype=acc)
 
 
 @torch.library.custom_op("dcr_fast::circle_lse_backward", mutates_args=())
 def _circle_lse_backward_op(x_hat: Tensor, r_hat: Tensor, labels: Tensor, ref_labels: Tensor,
-                            exclude_diag: bool, o_p: float, o_n: float, delta_p: float, delta_n: float,
-                            gamma: float, lse_p: Tensor, lse_n: Tensor, g_p: Tensor,
+                            exclude_diag: bool, same_ref: bool, o_p: float, o_n: float, delta_p: float,
+                            delta_n: float, gamma: float, lse_p: Tensor, lse_n: Tensor, g_p: Tensor,
                             g_n: Tensor) -> tuple[Tensor, Tensor]:
     from dcr_fast.kernels.circle_loss import circle_lse_backward
 
     dx, dr = circle_lse_backward(x_hat, r_hat, labels, ref_labels, exclude_diag, o_p, o_n, delta_p,
-                                 delta_n, gamma, lse_p, lse_n, g_p, g_n)
-    return dx.to(x_hat.dtype), dr.to(r_hat.dtype)
+                                 delta_n, gamma, lse_p, lse_n, g_p, g_n, same_ref=same_ref)
+    return dx, r_hat.new_empty(0, r_hat.shape[1]) if dr is None else dr
 
 
 @_circle_lse_backward_op.register_fake
-def _(x_hat, r_hat, labels, ref_labels, exclude_diag, o_p, o_n, delta_p, delta_n, gamma, lse_p, lse_n, g_p, g_n):
-    return torch.empty_like(x_hat), torch.empty_like(r_hat)
+def _(x_hat, r_hat, labels, ref_labels, exclude_diag, same_ref, o_p, o_n, delta_p, delta_n, gamma,
+      lse_p, lse_n, g_p, g_n):
+    return torch.empty_like(x_hat), r_hat.new_empty(0 if same_ref else r_hat.shape[0], r_hat.shape[1])
 
 
 def _circle_lse_setup(ctx, inputs, output):
@@ -297,7 +349,8 @@ def _circle_lse_grad(ctx, g_p, g_n):
     x_hat, r_hat, labels, ref_labels, lse_p, lse_n = ctx.saved_tensors
     dx, dr = _circle_lse_backward_op(x_hat, r_hat, labels, ref_labels, *ctx.scalars, lse_p, lse_n,
                                      g_p.contiguous(), g_n.contiguous())
-    return (dx, dr) + (None,) * 8
+    same_ref = ctx.scalars[1]
+    return (dx, None if same_ref else dr) + (None,) * 9
 
 
 _circle_lse_op.register_autograd(_circle_lse_grad, setup_context=_circle_lse_setup)

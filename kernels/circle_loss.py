@@ -190,11 +190,12 @@ def _circle_fwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, B, M, D, stride_x, stride
 def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
                        stride_x, stride_r, stride_out, SIZE_CLASS, o_p: tl.constexpr, o_n: tl.constexpr,
                        delta_p: tl.constexpr, delta_n: tl.constexpr, gamma: tl.constexpr, FOR_REF: tl.constexpr,
-                       EXCLUDE_DIAG: tl.constexpr, RESIDENT: tl.constexpr, BM: tl.constexpr,
+                       ACCUMULATE: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, RESIDENT: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dX̂ (FOR_REF=False: a row block loops over column tiles, acc += dS·R̂) or
-    dR̂ (FOR_REF=True: a column block loops over row tiles, acc += dSᵀ·X̂), d-chunk axis 1."""
+    dR̂ (FOR_REF=True: a column block loops over row tiles, acc += dSᵀ·X̂), d-chunk axis 1.
+    ``ACCUMULATE``: add to what OUT holds (r̂ is x̂: dR̂ lands on the dX̂ written before)."""
     dout = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     if FOR_REF:
         own = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -220,8 +221,11 @@ def _circle_bwd_kernel(X, R, Ylab, Rlab, LSE_P, LSE_N, G_P, G_N, OUT, B, M, D,
             r = _load_tile(R, cols, M, stride_r, dout, D)
             acc += _dot_in_input_dtype(ds, r, ACC, UPCAST, PRECISION)
         n_own = B
-    tl.store(OUT + own[:, None].to(tl.int64) * stride_out + dout[None, :], acc,
-             mask=(own[:, None] < n_own) & (dout[None, :] < D))
+    out_ptrs = OUT + own[:, None].to(tl.int64) * stride_out + dout[None, :]
+    out_mask = (own[:, None] < n_own) & (dout[None, :] < D)
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -329,12 +333,16 @@ def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.T
 def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
                         ref_labels: torch.Tensor, exclude_diag: bool, o_p: float, o_n: float,
                         delta_p: float, delta_n: float, gamma: float, lse_p: torch.Tensor,
-                        lse_n: torch.Tensor, g_p: torch.Tensor, g_n: torch.Tensor,
-                        fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX̂, dR̂) in the accumulation dtype, given upstream gradients of lse_p and lse_n.
+                        lse_n: torch.Tensor, g_p: torch.Tensor, g_n: torch.Tensor, *, same_ref: bool = False,
+                        fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dX̂, dR̂) in the inputs' dtype, given upstream gradients of lse_p and lse_n.
 
-    ``fused=None`` picks the fully fused kernels for d ≤ FUSED_BWD_MAX_D and the chunked
-    dS + matmul path otherwise; tests force each path explicitly.
+    ``same_ref`` (r̂ is x̂): dX̂ + dR̂ is returned as dX̂, and None for dR̂. ``fused=None``
+    picks the fully fused kernels for d ≤ FUSED_BWD_MAX_D and the chunked dS + matmul path
+    otherwise; tests force each path explicitly. Beyond the inputs, the large-d path holds
+    one fp32 accumulator of dR̂ (of the summed gradient with ``same_ref``), one dS row chunk
+    and column slices of its products, each bounded by DS_CHUNK_BYTES (B=131,072, d=1,536,
+    bf16: 805 + 256 + 64 MB).
     """
     B, D = x_hat.shape
     M = r_hat.shape[0]
@@ -349,31 +357,43 @@ def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.
     scalars = (_size_class(B, M), o_p, o_n, delta_p, delta_n, gamma)
     if fused is None:
         fused = D <= FUSED_BWD_MAX_D
-    dx = torch.empty(B, D, device=x_hat.device, dtype=acc_dtype)
-    dr = torch.empty(M, D, device=x_hat.device, dtype=acc_dtype)
-    if fused:
+    if fused:  # d ≤ 256: the fp32 outputs are small next to the inputs' B×d
+        dx = torch.empty(B, D, device=x_hat.device, dtype=acc_dtype)
+        dr = dx if same_ref else torch.empty(M, D, device=x_hat.device, dtype=acc_dtype)
         block_do = 16 if _INTERPRET else min(max(triton.next_power_of_2(D), 16), 128)
         for out, for_ref, n, tile in ((dx, False, B, "BM"), (dr, True, M, "BN")):
             grid = lambda meta, n=n, tile=tile: (triton.cdiv(n, meta[tile]), triton.cdiv(D, block_do))  # noqa: E731
             _circle_bwd[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, out, B, M, D,
                               x_hat.stride(0), r_hat.stride(0), out.stride(0), *scalars,
-                              FOR_REF=for_ref, EXCLUDE_DIAG=exclude_diag, BLOCK_DO=block_do, **p)
-        return dx, dr
+                              FOR_REF=for_ref, ACCUMULATE=for_ref and same_ref, EXCLUDE_DIAG=exclude_diag,
+                              BLOCK_DO=block_do, **p)
+        return dx.to(x_hat.dtype), None if same_ref else dr.to(r_hat.dtype)
     # dS is stored in the input dtype so the two products run on tensor cores; the fp32
     # accumulation inside each product is unchanged.
     ds_dtype = acc_dtype if x_hat.dtype == torch.float32 else x_hat.dtype
     elem = torch.empty((), dtype=ds_dtype).element_size()
     chunk = max(_MAX_BM, min(B, DS_CHUNK_BYTES // max(1, M * elem)) // _MAX_BM * _MAX_BM)
+    # dSᵀ·X̂ goes into the accumulator a column slice at a time, so its M×d product in the
+    # input dtype is never whole.
+    cols = max(64, min(D, DS_CHUNK_BYTES // 4 // max(1, M * elem)) // 64 * 64)
     ds = torch.empty(min(chunk, B), M, device=x_hat.device, dtype=ds_dtype)
-    dr.zero_()
-    r_mm = r_hat if ds_dtype == r_hat.dtype else r_hat.to(ds_dtype)
+    r_mm = r_hat.to(ds_dtype)
+    acc = torch.zeros(M, D, device=x_hat.device, dtype=acc_dtype)  # dR̂, or dX̂ + dR̂ with same_ref
+    dx = None if same_ref else torch.empty(B, D, device=x_hat.device, dtype=x_hat.dtype)
     for row0 in range(0, B, chunk):
         n = min(chunk, B - row0)
         grid = lambda meta, n=n: (triton.cdiv(n, meta["BM"]), triton.cdiv(M, meta["BN"]))  # noqa: E731
         _circle_ds[grid](x_hat, r_hat, labels, ref_labels, lse_p, lse_n, g_p, g_n, ds, row0, n, B, M, D,
                          x_hat.stride(0), r_hat.stride(0), ds.stride(0), *scalars,
                          EXCLUDE_DIAG=exclude_diag, **p)
+        rows_part = torch.matmul(ds[:n], r_mm)  # dX̂ of these rows, complete
+        if same_ref:
+            acc[row0:row0 + n] += rows_part
+        else:
+            dx[row0:row0 + n] = rows_part
         x_mm = x_hat[row0:row0 + n].to(ds_dtype)
-        dx[row0:row0 + n] = torch.matmul(ds[:n], r_mm).to(acc_dtype)
-        dr += torch.matmul(ds[:n].t(), x_mm).to(acc_dtype)
-    return dx, dr
+        for c0 in range(0, D, cols):
+            acc[:, c0:c0 + cols] += torch.matmul(ds[:n].t(), x_mm[:, c0:c0 + cols])
+    if same_ref:
+        return acc.to(x_hat.dtype), None
+    return dx, acc.to(r_hat.dtype)

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 from pytorch_metric_learning.losses import CircleLoss as PMLCircleLoss
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_close
 from dcr_fast import CircleLoss, circle_loss
@@ -148,9 +150,7 @@ CANDIDATES = [(c, torch.float32) for c in _TILES.values()] + [(c, torch.float64)
 @pytest.mark.parametrize("fused_backward", [True, False])
 @pytest.mark.parametrize("config,dtype", CANDIDATES, ids=lambda v: str(v.kwargs) if hasattr(v, "kwargs") else str(v))
 def test_every_tile_config_matches_reference(config, dtype, fused_backward, monkeypatch):
-    for tuner in kernels._TUNED.values():
-        monkeypatch.setattr(tuner, "configs", [config])
-        monkeypatch.setattr(tuner, "cache", {})
+    _force_tiles(monkeypatch, config)
     monkeypatch.setattr(kernels, "FUSED_BWD_MAX_D", 10**9 if fused_backward else 0)
     monkeypatch.setattr(kernels, "DS_CHUNK_BYTES", 131 * 4 * 130)  # dS in row chunks of 128 + 72
     x, y, ref = _batch(200, 72, 7, 131, dtype)
@@ -160,6 +160,12 @@ def test_every_tile_config_matches_reference(config, dtype, fused_backward, monk
     assert_close(l, l_ref, **tol, what="loss")
     for a, b, name in zip(g, g_ref, ("d embeddings", "d ref_emb")):
         assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()), what=name)
+
+
+def _force_tiles(monkeypatch, config) -> None:
+    for tuner in kernels._TUNED.values():
+        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(tuner, "cache", {})
 
 
 def test_tile_pruning():
@@ -243,6 +249,61 @@ def test_autograd_saves_no_batch_by_batch_tensor(backend):
     assert (B, M) in saved
 
 
+def test_triton_path_saves_one_input_dtype_copy():
+    """bf16 in: the graph keeps the normalized rows in bf16, not fp32 up-casts of them."""
+    B, d = 64, 24
+    x = torch.randn(B, d, dtype=torch.bfloat16, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():  # the caller's own input
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = circle_loss(x, torch.randint(0, 3, (B,)), backend="triton")
+    loss.backward()
+    assert sum(saved.values()) <= B * d * 2 + 64 * B, saved
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the size of every tensor an op allocates (outputs not sharing an input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.nbytes += [t.untyped_storage().nbytes() for t in pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("same_ref", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
+    """The backward's buffers: one fp32 B×d accumulator (two only for the fused path with a
+    separate reference set, whose d ≤ 256 keeps them small); everything else is a bf16
+    gradient or bounded by DS_CHUNK_BYTES."""
+    B, d = 160, 40 if fused else 200
+    _force_tiles(monkeypatch, kernels.CONFIGS["fwd"][0])  # 64×64 tiles: quick in the interpreter
+    monkeypatch.setattr(kernels, "DS_CHUNK_BYTES", 128 * B * 2)  # dS rows in chunks of 128 + 32, 64-column slices
+    x = torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
+    r = x if same_ref else torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
+    y = torch.randint(0, 5, (B,))
+    scalars = (same_ref, 1.4, -0.4, 0.6, 0.4, 80.0)
+    lse_p, lse_n = kernels.circle_lse_forward(x, r, y, y, *scalars)
+    with _Allocations() as allocations:
+        dx, dr = kernels.circle_lse_backward(x, r, y, y, *scalars, lse_p, lse_n, torch.ones(B), torch.ones(B),
+                                             same_ref=same_ref, fused=fused)
+    assert dx.dtype == torch.bfloat16 and (dr is None) == same_ref
+    fp32_gradients = [n for n in allocations.nbytes if n >= B * d * 4]
+    assert len(fp32_gradients) == (2 if fused and not same_ref else 1), allocations.nbytes
+    assert max(n for n in allocations.nbytes if n < B * d * 4) <= max(B * d * 2, kernels.DS_CHUNK_BYTES)
+
+
 def test_auto_backend_chunks_large_cpu_batches(monkeypatch):
     cl = importlib.import_module("dcr_fast.circle_loss")  # the package re-exports a function of that name
     calls = []
@@ -254,12 +315,15 @@ def test_auto_backend_chunks_large_cpu_batches(monkeypatch):
     assert calls
 
 
-def test_circle_lse_op_passes_opcheck():
+@pytest.mark.parametrize("same_ref", [False, True])
+def test_circle_lse_op_passes_opcheck(same_ref):
     from dcr_fast.circle_loss import _circle_lse_op
 
     x = torch.nn.functional.normalize(torch.randn(21, 6), dim=1).requires_grad_()
-    r = torch.nn.functional.normalize(torch.randn(18, 6), dim=1).requires_grad_()
-    args = (x, r, torch.randint(0, 3, (21,)), torch.randint(0, 3, (18,)), False, 1.4, -0.4, 0.6, 0.4, 80.0)
+    y = torch.randint(0, 3, (21,))
+    r, ry = (x, y) if same_ref else (torch.nn.functional.normalize(torch.randn(18, 6), dim=1).requires_grad_(),
+                                     torch.randint(0, 3, (18,)))
+    args = (x, r, y, ry, same_ref, same_ref, 1.4, -0.4, 0.6, 0.4, 80.0)
     torch.library.opcheck(_circle_lse_op, args)
 
 
