@@ -13,10 +13,12 @@
 #   targets  Circle loss at the three target cases (bf16, fwd+bwd) and the verdict table
 #   tests    pytest -m gpu over tests/ and bench/
 #   compile  torch.compile of the reference beside the fused kernel at B=16,384, d=128 and 4,096
-#   others   every other bench/bench_*.py (entk, sft, refusal_prob, ...) with --gpu or
+#   others   every other bench/bench_*.py (refusal_prob, entk_probe_op, ...) with --gpu or
 #            --device cuda, whichever it takes, sharing the stage's time
 #   entk     (not in the default list: give it its own call) the eNTK benchmark alone with the
 #            time the 3,000-prompt exact run needs: 75x75 matrix per method, then the large run
+#   sft      (not in the default list) dcr-fast sft's step vs TRL SFTTrainer on the Qwen2.5-1.5B
+#            shape (builds the model once per implementation: minutes); e.g. `sft sweep`
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
 #            costs a compilation per case) until the budget ends
 # Per-stage logs and the results JSON written during the session go into $OUT/session.tar.gz;
@@ -60,7 +62,9 @@ circle() { "$PY" -m bench.bench_circle_loss --device cuda "$@"; }
 
 others() {  # every other bench/bench_*.py, an equal share of the stage's time each
   local scripts=() f
-  for f in bench/bench_*.py; do [[ $f == bench/bench_circle_loss.py ]] || scripts+=("$f"); done
+  for f in bench/bench_*.py; do
+    case $f in bench/bench_circle_loss.py|bench/bench_entk.py|bench/bench_sft.py) ;; *) scripts+=("$f") ;; esac
+  done
   ((${#scripts[@]})) || { echo "-- no other bench/bench_*.py scripts"; return; }
   local share=$((STAGE_LIMIT / ${#scripts[@]}))
   for f in "${scripts[@]}"; do
@@ -77,6 +81,7 @@ setup() {
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || return
+    "$PY" -m pip check || echo "-- pip check: version conflicts above (the carried wheels vs the image)"
   fi
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . || return
   "$PY" -c "import dcr_fast, dcr_fast._C, torch; print('dcr_fast', dcr_fast.__version__, 'ops:', [o for o in dir(torch.ops.dcr_fast) if not o.startswith('_')])"
@@ -93,9 +98,10 @@ for s in $STAGES; do
                --impls matmul triton torch compile --budget-s 0.5 ;;
     others)  stage others 240 others ;;
     entk)    stage entk 560 "$PY" -m bench.bench_entk --device cuda ;;
+    sft)     stage sft 400 "$PY" -m bench.bench_sft --device cuda ;;
     sweep)   stage sweep 600 circle --preset gpu --impls matmul triton torch pml --budget-s 0.3 \
                --max-minutes "$(awk -v s="$(left)" 'BEGIN { print (s - 45) / 60 }')" ;;
-    *)       echo "unknown stage $s (setup targets tests compile others entk sweep)"; exit 2 ;;
+    *)       echo "unknown stage $s (setup targets tests compile others entk sft sweep)"; exit 2 ;;
   esac
 done
 collect
