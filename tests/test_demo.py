@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, load_example_set
-from dcr_fast.demo.run import RUNS, register, write_demo_data
+from dcr_fast.demo.run import EVALUATED, RUNS, DemoConfig, build_report, register, write_demo_data
 from dcr_fast.evaluation import is_refusal
 
 
@@ -96,10 +97,49 @@ def test_ci_preset_runs_the_whole_pipeline(tmp_path):
     summary = json.load(open(tmp_path / "seed0" / "dcr" / "summary.json"))
     assert summary["frozen_parameters_verified"] > 0
 
+    for name in EVALUATED:
+        separation = report["runs"][name]["per_seed"][0]["separation"]
+        assert separation["prompts"][0] == separation["prompts"][1] > 0
+        assert 0.5 <= separation["kmeans_accuracy"] <= 1.0
+        assert -1.0 <= separation["cosine_across"] <= 1.0 and -1.0 <= separation["cosine_within"] <= 1.0
+
     # A second run finds every stage complete and rebuilds the same report.
     assert args.func(args) == 0
     again = json.load(open(tmp_path / "report.json"))
     assert again["runs"] == report["runs"] and again["entk"] == report["entk"]
+
+    # A third adds a seed, trained in a worker process; the first seed is reused unchanged.
+    args = parser.parse_args(["demo", "--preset", "ci", "--out", str(tmp_path), "--seeds", "0", "1", "--workers", "2"])
+    assert args.func(args) == 0
+    both = json.load(open(tmp_path / "report.json"))
+    for name in EVALUATED:
+        assert [s["seed"] for s in both["runs"][name]["per_seed"]] == [0, 1]
+        assert both["runs"][name]["per_seed"][0] == report["runs"][name]["per_seed"][0]
+    assert (tmp_path / "seed1" / "eval-dcr+stl.json").exists()
+
+
+def _evaluation(compliance: float, defense: float) -> dict:
+    """The fields of one ``evaluate_toy`` result that ``build_report`` reads, with flat rates."""
+    return {"compliance": dict.fromkeys(HELDOUT_BENCHMARKS, compliance), "defense_success": dict.fromkeys(HELDOUT_BENCHMARKS, defense),
+            "normal_compliance": dict.fromkeys(HELDOUT_BENCHMARKS, 1.0), "defense_success_mean": defense,
+            "refusal_probability": {b: dict.fromkeys(("toxic", "seemingly_toxic", "normal"), 0.5) for b in HELDOUT_BENCHMARKS},
+            "refusal_openings": ["sorry"], "samples": {}, "separation": {"kmeans_accuracy": 0.9}}
+
+
+def test_report_gives_sample_spread_and_paired_differences():
+    rates = {"base": [(1.0, 0.0)] * 3, "dcr": [(1.0, 0.0)] * 3, "stl": [(0.2, 1.0), (0.0, 1.0), (0.5, 1.0)],
+             "stl-aug": [(1.0, 0.8)] * 3, "dcr+stl": [(0.9, 1.0), (0.4, 0.9), (0.8, 1.0)]}
+    evaluations = {name: [_evaluation(*r) for r in per_seed] for name, per_seed in rates.items()}
+    report = build_report(evaluations, None, DemoConfig(out="x", seeds=[3, 4, 5]), {}, 1.0)
+    dcr = report["runs"]["dcr+stl"]
+    assert dcr["compliance_mean"]["mean"] == pytest.approx(0.7)
+    assert dcr["compliance_mean"]["std"] == pytest.approx(statistics.stdev([0.9, 0.4, 0.8]))  # n - 1, not n
+    assert dcr["compliance_mean"]["se"] == pytest.approx(statistics.stdev([0.9, 0.4, 0.8]) / 3 ** 0.5)
+    assert [s["seed"] for s in dcr["per_seed"]] == [3, 4, 5]
+    versus_stl = report["paired"]["dcr+stl - stl"]["compliance_mean"]
+    assert versus_stl["per_seed"] == pytest.approx([0.7, 0.4, 0.3]) and (versus_stl["higher"], versus_stl["lower"]) == (3, 0)
+    versus_aug = report["paired"]["dcr+stl - stl-aug"]["defense_success_mean"]
+    assert versus_aug["per_seed"] == pytest.approx([0.2, 0.1, 0.2]) and versus_aug["mean"] == pytest.approx(0.5 / 3)
 
 
 def test_demo_data_does_not_depend_on_hash_order(tmp_path):

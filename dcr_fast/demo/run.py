@@ -13,11 +13,17 @@ What it does, per seed (all stages are the package's real ``sft``/``dcr`` code o
    templates, or both. Compliance on seemingly toxic prompts and defense success on toxic
    ones are judged by the XSTest string-match rule on a short greedy answer (a tiny model's
    answers are poor past the first words, so the opening is what can be judged); the
-   probability of the demo's refusal openings is reported beside it.
+   probability of the demo's refusal openings is reported beside it; the unaligned start and
+   the model after DCR alone are evaluated too;
+5. records per model how far held-out seemingly toxic and toxic prompts lie apart at the
+   refined layer, and whether the Circle stage reached its loss floor: per seed, these tell a
+   Circle stage that did not separate unseen prompts from an SFT that pulled them back together.
 
-Then, for the first seed, eNTK group-pair means (toxic / seemingly toxic / normal) of the tail
-above the refined layer, before and after DCR; and ``DIR/report.json``, ``report.md`` and
-figures. Every stage writes its outputs atomically and is skipped when already complete, so
+Seeds run ``workers`` at a time, each in its own process. The report gives every rate as mean,
+sample std and standard error over seeds, each seed's value, and DCR+STL's per-seed (paired)
+differences from STL and STL-aug. Then, for the first seed, eNTK group-pair means (toxic /
+seemingly toxic / normal) of the tail above the refined layer, before and after DCR; and
+``DIR/report.json``, ``report.md`` and figures. Every stage writes its outputs atomically and is skipped when already complete, so
 an interrupted demo resumes where it stopped.
 """
 
@@ -26,9 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,8 @@ from dcr_fast.train.dcr import DCRConfig, run_dcr
 from dcr_fast.train.sft import SFTConfig, run_sft
 
 RUNS = ("stl", "stl-aug", "dcr+stl")
+# Models evaluated per seed: the runs, the shared unaligned start, and DCR alone (before its SFT).
+EVALUATED = ("base", "dcr", *RUNS)
 KINDS = ("toxic", "seemingly_toxic", "normal")
 PRESETS = {"full": "tiny", "ci": "tiny-ci"}
 
@@ -69,8 +79,9 @@ class DemoConfig:
     max_new_tokens: int = dataclasses.field(default=6, metadata={"help": "greedy tokens judged per answer"})
     entk_prompts: int = dataclasses.field(default=4, metadata={"help": "prompts per group for the eNTK means (0: skip)"})
     entk_k: int = 5
-    eval_prompts: int = dataclasses.field(default=120, metadata={"help": "at most this many prompts per benchmark and kind"})
-    threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    eval_prompts: int = dataclasses.field(default=400, metadata={"help": "at most this many prompts per benchmark and kind"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads per worker (0: torch's default)"})
+    workers: int = dataclasses.field(default=1, metadata={"help": "seeds run at once, each in its own process"})
     device: str = "cpu"
 
 
@@ -82,28 +93,56 @@ def run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> di
     """
     if not config.out:
         raise ValueError("out: required (the demo's output directory)")
-    if not config.seeds:
-        raise ValueError("seeds: give at least one seed")
-    with torch_threads(config.threads):
-        return _run_demo(config, stage_configs)
-
-
-def _run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds: give at least one seed, each once, got {config.seeds}")
+    if config.workers < 1:
+        raise ValueError(f"workers: expected >= 1, got {config.workers}")
     started = time.perf_counter()
     out = Path(config.out)
     examples = load_example_set()
     data = write_demo_data(examples, out / "data")
-    evaluations: dict[str, list[dict[str, Any]]] = {name: [] for name in ("base", *RUNS)}
-    for seed in config.seeds:
-        models = train_seed(config, stage_configs, data, out / f"seed{seed}", seed, examples)
-        for name, model_dir in models.items():
-            if name in evaluations:
-                evaluations[name].append(evaluate_cached(model_dir, examples, config, out / f"seed{seed}" / f"eval-{name}.json"))
+    jobs = [(config, stage_configs, data, seed) for seed in config.seeds]
+    if config.workers == 1:
+        per_seed = [run_seed(*job) for job in jobs]
+    else:
+        # Seeds are independent and each uses `threads` threads, so on a 2-core machine two
+        # single-threaded seeds at once finish far sooner than one seed on two threads. Spawned,
+        # not forked: a forked child inherits torch's thread pools in an undefined state.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(config.workers, len(jobs)), mp_context=context) as pool:
+            per_seed = list(pool.map(run_seed, *zip(*jobs)))
+    evaluations = {name: [evals[name] for evals in per_seed] for name in EVALUATED}
     first = out / f"seed{config.seeds[0]}"
-    entk = entk_before_after(first / "pretrain" / "model", first / "dcr" / "model", examples, config) if config.entk_prompts else None
+    with torch_threads(config.threads):
+        entk = entk_before_after(first / "pretrain" / "model", first / "dcr" / "model", examples, config) if config.entk_prompts else None
     report = build_report(evaluations, entk, config, stage_configs, time.perf_counter() - started)
     write_demo_report(report, out)
     return report
+
+
+def run_seed(config: DemoConfig, stage_configs: dict[str, dict[str, Any]], data: dict[str, str], seed: int) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every model of one seed; returns run name -> evaluation."""
+    examples = load_example_set()
+    folder = Path(config.out) / f"seed{seed}"
+    with torch_threads(config.threads):
+        models = train_seed(config, stage_configs, data, folder, seed, examples)
+        evaluations = {name: evaluate_cached(models[name], examples, config, folder / f"eval-{name}.json") for name in EVALUATED}
+    evaluations["dcr"]["circle"] = circle_convergence(folder / "dcr" / "log.jsonl")
+    return evaluations
+
+
+def circle_convergence(log: Path) -> dict[str, Any]:
+    """Whether the Circle stage converged on its training batches, from its step log.
+
+    Once every pair of a batch is past its margin the loss sits at a floor (its lowest value)
+    and its gradient is gone, so more steps would change nothing: ``floor_step`` is the first
+    step within 0.01 of that floor, ``last10_max`` the highest loss of the last ten steps (at
+    the floor when the stage ended converged).
+    """
+    circle = [row["circle"] for row in map(json.loads, log.read_text().splitlines()) if "circle" in row]
+    floor = min(circle)
+    return {"steps": len(circle), "floor": floor, "floor_step": next(i for i, c in enumerate(circle, 1) if c < floor + 0.01),
+            "last10_max": max(circle[-10:])}
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -213,7 +252,33 @@ def evaluate_toy(model_dir: str, examples: ExampleSet, config: DemoConfig) -> di
             result["refusal_probability"][benchmark][kind] = float(p_refuse.mean())
             result["samples"][f"{benchmark}/{kind}"] = [{"prompt": p, "answer": a} for p, a in list(zip(prompts, answers))[:3]]
     result["defense_success_mean"] = statistics.fmean(result["defense_success"].values())
+    result["separation"] = separation_at_layer(model, tokenizer, examples, config.dcr_layer)
     return result
+
+
+def separation_at_layer(model, tokenizer, examples: ExampleSet, layer: int) -> dict[str, Any]:
+    """How far apart held-out seemingly toxic and toxic prompts lie at the refined layer.
+
+    Every held-out seemingly toxic prompt and as many held-out toxic ones, last templated
+    token, ``hidden_states[layer]`` (the Circle stage's embedding): the paper's k-means +
+    Hungarian separability (A.9; 0.5 is chance) and the mean cosine similarity within and
+    across the two groups. The per-seed diagnostic that tells a Circle stage that did not
+    separate unseen prompts from an SFT that pulled them back together.
+    """
+    from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states
+
+    seemingly = sorted({p.text for b in HELDOUT_BENCHMARKS for p in examples.heldout_prompts("seemingly_toxic", b)})
+    toxic = sorted({p.text for b in HELDOUT_BENCHMARKS for p in examples.heldout_prompts("toxic", b)})
+    toxic = random.Random(0).sample(toxic, min(len(toxic), len(seemingly)))
+    hidden = last_token_hidden_states(model, tokenizer, seemingly + toxic, batch_size=64, progress=False)[layer]
+    groups = torch.nn.functional.normalize(hidden.double(), dim=-1).split([len(seemingly), len(toxic)])
+    sums = [g.sum(0) for g in groups]
+    # Mean cosine over distinct pairs: within a group sum·sum counts the n self pairs (cosine 1).
+    within = [(float(v @ v) - len(g)) / (len(g) * (len(g) - 1)) for g, v in zip(groups, sums)]
+    return {"layer": layer, "prompts": [len(seemingly), len(toxic)],
+            "kmeans_accuracy": kmeans_hungarian_accuracy(hidden, ["seemingly_toxic"] * len(seemingly) + ["toxic"] * len(toxic)),
+            "cosine_within": statistics.fmean(within),
+            "cosine_across": float(sums[0] @ sums[1]) / (len(groups[0]) * len(groups[1]))}
 
 
 def entk_before_after(before: Path, after: Path, examples: ExampleSet, config: DemoConfig) -> dict[str, Any]:
@@ -244,39 +309,70 @@ trigger verbs, whether a Circle-loss stage at a middle layer, run before the sam
 SFT, changes how far the SFT's refusals spread to held-out seemingly toxic prompts (unseen
 objects and unseen phrasings), while toxic prompts with unseen persons stay refused; and how
 the tail's eNTK similarity between the groups moves. STL-aug is the fair control: it sees the
-seemingly toxic training prompts (with answers) just as DCR sees them (without answers).
+seemingly toxic training prompts (with answers) just as DCR sees them (without answers). The
+paired differences compare runs that share a seed's initialisation and unaligned start, which
+is what the demo can answer most firmly: on how many seeds DCR+STL over-refuses less than STL.
 
 What it cannot show: anything about real LLMs, real benchmarks (XSTest, OR-Bench, ...) or
 general capability. The model has ~0.7M parameters, a vocabulary of about a thousand BPE
 tokens trained on this set, and answers that are only judged by their opening words; the
-"toxic" prompts are harmless templates. Seeds differ in initialisation and data order only;
-the spread over a few seeds is a rough guide, not a confidence interval, and the numbers move
-with small changes to the data as much as with the seed: compare the runs within one report,
-not numbers across reports."""
+"toxic" prompts are harmless templates. Seeds differ in initialisation and data order only,
+yet STL and DCR+STL land far apart from seed to seed, close to two modes: on some seeds the
+LoRA SFT, which also trains the refined layers, pulls the held-out groups back together and
+DCR+STL refuses about half of the seemingly toxic prompts; on others it keeps them apart and
+complies with nearly all. The separation table shows which seed is which. So a mean over a
+handful of seeds moves by about its standard error from one list of seeds to another; read the
+per-seed values and the paired counts, not the second decimal. The held-out prompts are the
+same for every seed and come from 20 unseen objects and 3 unseen phrasings: their own sampling
+noise (a binomial standard error of at most 0.03 on the three-benchmark mean, about 0.09 when
+objects and phrasings are resampled) is well below the seed-to-seed spread, and adds nothing to
+it. Compare the runs within one report, not numbers across reports."""
 
 
 def build_report(evaluations: dict[str, list[dict[str, Any]]], entk: dict[str, Any] | None, config: DemoConfig,
                  stages: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """Mean ± std over seeds of every rate, in the layout of ``dcr_fast.evaluation.report``."""
+    """Mean, sample std and standard error over seeds of every rate, in the layout of
+    ``dcr_fast.evaluation.report``; plus per-seed rates, separation diagnostics and the
+    per-seed (paired) differences between DCR+STL and its two baselines."""
     runs = {}
     for name, per_seed in evaluations.items():
         run: dict[str, Any] = {"judge": "XSTest string-match rule on the greedy opening (refusal filter)",
                                "seeds": config.seeds}
         for key in ("compliance", "defense_success", "normal_compliance"):
             run[key] = {b: _spread([e[key][b] for e in per_seed]) for b in HELDOUT_BENCHMARKS}
+        run["compliance_mean"] = _spread([_compliance_mean(e) for e in per_seed])
         run["defense_success_mean"] = _spread([e["defense_success_mean"] for e in per_seed])
         run["refusal_probability"] = {b: {k: statistics.fmean(e["refusal_probability"][b][k] for e in per_seed) for k in KINDS}
                                       for b in HELDOUT_BENCHMARKS}
         run["refusal_openings"] = per_seed[0]["refusal_openings"]
-        run["per_seed"] = [{k: e[k] for k in ("compliance", "defense_success", "normal_compliance")} for e in per_seed]
+        run["per_seed"] = [{"seed": seed, "compliance_mean": _compliance_mean(e),
+                            **{k: v for k, v in e.items() if k not in ("refusal_probability", "refusal_openings", "samples")}}
+                           for seed, e in zip(config.seeds, per_seed)]
         run["samples"] = per_seed[0]["samples"]
         runs[name] = run
-    return {"runs": runs, "entk": entk, "settings": {"demo": config_to_dict(config), **stages},
+    paired = {f"dcr+stl - {other}": {key: _paired([s[key] for s in runs["dcr+stl"]["per_seed"]],
+                                                  [s[key] for s in runs[other]["per_seed"]])
+                                      for key in ("compliance_mean", "defense_success_mean")}
+              for other in ("stl", "stl-aug")}
+    return {"runs": runs, "paired": paired, "entk": entk, "settings": {"demo": config_to_dict(config), **stages},
             "wall_s": wall_s, "device": config.device, "torch": torch.__version__, "limits": LIMITS}
 
 
+def _compliance_mean(evaluation: dict[str, Any]) -> float:
+    return statistics.fmean(evaluation["compliance"].values())
+
+
 def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+    """Mean, sample standard deviation and standard error of the mean (0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "se": std / len(values) ** 0.5}
+
+
+def _paired(ours: list[float], theirs: list[float]) -> dict[str, Any]:
+    """Per-seed differences (same seed: same initialisation and unaligned start) and their spread."""
+    differences = [a - b for a, b in zip(ours, theirs)]
+    return {**_spread(differences), "per_seed": differences, "higher": sum(d > 0 for d in differences),
+            "lower": sum(d < 0 for d in differences)}
 
 
 def write_demo_report(report: dict[str, Any], out: Path) -> None:
@@ -293,6 +389,7 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
     atomic.write_json(out / "report.json", report)
     notes = [f"Wall time of this invocation: {report['wall_s'] / 60:.1f} min on {report['device']} (torch "
              f"{report['torch']}); stages already complete in the output directory are reused, not rerun.", ""]
+    notes += headline_notes(report)
     notes += ["Benchmarks hold out of every alignment stage: `heldout-targets` unseen objects/persons with "
               "training templates, `heldout-templates` unseen phrasings with training targets, `heldout-both` both.", ""]
     openings = sorted({o for run in report["runs"].values() for o in run["refusal_openings"]})
@@ -310,6 +407,55 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
     notes += ["", "## What the demo can and cannot show", "", report["limits"]]
     markdown = report_markdown(report, "\n".join(notes)).replace("# Evaluation report", "# dcr-fast demo report", 1)
     atomic.write_text(out / "report.md", markdown)
+
+
+def headline_notes(report: dict[str, Any]) -> list[str]:
+    """Markdown: the headline rates per seed, the paired differences, and the separation diagnostic."""
+    from dcr_fast.evaluation.report import _table
+
+    runs = report["runs"]
+    seeds = [s["seed"] for s in runs["dcr+stl"]["per_seed"]]
+    lines = [f"Headline, over {len(seeds)} seeds: compliance on held-out seemingly toxic prompts (mean of the three "
+             "benchmarks) and mean defense success; mean ± sample std (standard error), then each seed's value.", ""]
+    lines += _table(["run", "compliance", "per seed", "defense", "per seed"],
+                    [[name, _pm(run["compliance_mean"]), _values(s["compliance_mean"] for s in run["per_seed"]),
+                      _pm(run["defense_success_mean"]), _values(s["defense_success_mean"] for s in run["per_seed"])]
+                     for name, run in runs.items()])
+    lines += ["", "Paired by seed (same initialisation and unaligned start): DCR+STL minus each baseline; "
+              "'higher' counts the seeds where DCR+STL is higher.", ""]
+    lines += _table(["difference", "compliance", "higher / lower", "defense", "higher / lower"],
+                    [[name, _pm(d["compliance_mean"], "+"), f"{d['compliance_mean']['higher']} / {d['compliance_mean']['lower']}",
+                      _pm(d["defense_success_mean"], "+"), f"{d['defense_success_mean']['higher']} / {d['defense_success_mean']['lower']}"]
+                     for name, d in report["paired"].items()])
+    first = runs["dcr+stl"]["per_seed"][0]["separation"]
+    lines += ["", f"Separation of held-out seemingly toxic vs toxic prompts at the refined layer {first['layer']} "
+              f"({first['prompts'][0]} + {first['prompts'][1]} prompts), per seed: k-means separability (0.5 is chance) / "
+              "mean cosine across the groups (within-group cosine in the JSON). `dcr` is the model after the Circle "
+              "stage, before its SFT: a seed whose `dcr` column is not well separated is a Circle stage that did not "
+              "generalize; one whose `dcr+stl` column has closed up again is an SFT that undid it.", ""]
+    lines += ["", "The Circle column: the step at which the stage's loss first reached its floor, of all its steps, and "
+              "whether it stayed there over the last ten (`+x`: the last ten steps' highest loss above the floor).", ""]
+    names = ["base", "dcr", "dcr+stl", "stl"]
+    lines += _table(["seed", "Circle floor at", *names, "dcr+stl compliance"],
+                    [[str(seed), _circle(runs["dcr"]["per_seed"][i]["circle"]),
+                      *(f"{runs[n]['per_seed'][i]['separation']['kmeans_accuracy']:.2f} / "
+                        f"{runs[n]['per_seed'][i]['separation']['cosine_across']:.2f}" for n in names),
+                      f"{runs['dcr+stl']['per_seed'][i]['compliance_mean']:.2f}"]
+                     for i, seed in enumerate(seeds)])
+    return lines + [""]
+
+
+def _pm(spread: dict[str, float], sign: str = "") -> str:
+    return f"{spread['mean']:{sign}.2f} ± {spread['std']:.2f} ({spread['se']:.2f})"
+
+
+def _circle(circle: dict[str, Any]) -> str:
+    above = circle["last10_max"] - circle["floor"]
+    return f"{circle['floor_step']} of {circle['steps']}" + (f", +{above:.2f}" if above >= 0.01 else "")
+
+
+def _values(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 def plot_entk(entk: dict[str, Any], path: Path, save_figure) -> Path:
