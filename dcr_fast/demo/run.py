@@ -105,8 +105,8 @@ def run_demo(config: DemoConfig, stage_configs: dict[str, dict[str, Any]]) -> di
     if config.workers == 1:
         per_seed = [run_seed(*job) for job in jobs]
     else:
-        # Seeds are independent and each uses `threads` threads, so on a 2-core machine two
-        # single-threaded seeds at once finish far sooner than one seed on two threads. Spawned,
+        # Seeds are independent: two single-threaded seeds at once keep both cores of a 2-core
+        # machine busy, where a model this small gains little from a second thread. Spawned,
         # not forked: a forked child inherits torch's thread pools in an undefined state.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(config.workers, len(jobs)), mp_context=context) as pool:
@@ -135,7 +135,7 @@ def circle_convergence(log: Path) -> dict[str, Any]:
     """Whether the Circle stage converged on its training batches, from its step log.
 
     Once every pair of a batch is past its margin the loss sits at a floor (its lowest value)
-    and its gradient is gone, so more steps would change nothing: ``floor_step`` is the first
+    and only the small NLL regularizer still moves the model: ``floor_step`` is the first
     step within 0.01 of that floor, ``last10_max`` the highest loss of the last ten steps (at
     the floor when the stage ended converged).
     """
@@ -490,7 +490,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="STL vs STL-aug vs DCR+STL on a tiny model (CPU, minutes)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full: the README demo (~15 min on 2 cores); ci: a small setting that runs every stage in minutes")
+                        help="full: the README demo (six seeds, ~6 min on 2 quiet cores); ci: a small setting that runs every stage in minutes")
     add_config_arguments(parser, DemoConfig)
     parser.set_defaults(func=run)
 
