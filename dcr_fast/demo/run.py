@@ -411,19 +411,19 @@ def write_demo_report(report: dict[str, Any], out: Path) -> None:
 
 def headline_notes(report: dict[str, Any]) -> list[str]:
     """Markdown: the headline rates per seed, the paired differences, and the separation diagnostic."""
-    from dcr_fast.evaluation.report import _table
+    from dcr_fast.evaluation.report import markdown_table
 
     runs = report["runs"]
     seeds = [s["seed"] for s in runs["dcr+stl"]["per_seed"]]
     lines = [f"Headline, over {len(seeds)} seeds: compliance on held-out seemingly toxic prompts (mean of the three "
              "benchmarks) and mean defense success; mean ± sample std (standard error), then each seed's value.", ""]
-    lines += _table(["run", "compliance", "per seed", "defense", "per seed"],
+    lines += markdown_table(["run", "compliance", "per seed", "defense", "per seed"],
                     [[name, _pm(run["compliance_mean"]), _values(s["compliance_mean"] for s in run["per_seed"]),
                       _pm(run["defense_success_mean"]), _values(s["defense_success_mean"] for s in run["per_seed"])]
                      for name, run in runs.items()])
     lines += ["", "Paired by seed (same initialisation and unaligned start): DCR+STL minus each baseline; "
               "'higher' counts the seeds where DCR+STL is higher.", ""]
-    lines += _table(["difference", "compliance", "higher / lower", "defense", "higher / lower"],
+    lines += markdown_table(["difference", "compliance", "higher / lower", "defense", "higher / lower"],
                     [[name, _pm(d["compliance_mean"], "+"), f"{d['compliance_mean']['higher']} / {d['compliance_mean']['lower']}",
                       _pm(d["defense_success_mean"], "+"), f"{d['defense_success_mean']['higher']} / {d['defense_success_mean']['lower']}"]
                      for name, d in report["paired"].items()])
@@ -436,7 +436,7 @@ def headline_notes(report: dict[str, Any]) -> list[str]:
     lines += ["", "The Circle column: the step at which the stage's loss first reached its floor, of all its steps, and "
               "whether it stayed there over the last ten (`+x`: the last ten steps' highest loss above the floor).", ""]
     names = ["base", "dcr", "dcr+stl", "stl"]
-    lines += _table(["seed", "Circle floor at", *names, "dcr+stl compliance"],
+    lines += markdown_table(["seed", "Circle floor at", *names, "dcr+stl compliance"],
                     [[str(seed), _circle(runs["dcr"]["per_seed"][i]["circle"]),
                       *(f"{runs[n]['per_seed'][i]['separation']['kmeans_accuracy']:.2f} / "
                         f"{runs[n]['per_seed'][i]['separation']['cosine_across']:.2f}" for n in names),

@@ -47,12 +47,12 @@ def report_markdown(report: Mapping[str, Any], notes: str = "") -> str:
     lines = ["# Evaluation report", ""]
     lines += ["Compliance on seemingly toxic prompts (XSTest string-match rule; higher is better) and "
               "mean defense success on harmful prompts (higher is better).", ""]
-    lines += _table(["run", *over, "safety (mean)"],
+    lines += markdown_table(["run", *over, "safety (mean)"],
                     [[name, *(_fmt(run.get("compliance", {}).get(b)) for b in over),
                       _fmt(run.get("defense_success_mean"))] for name, run in runs.items()])
     if safety:
         lines += ["", "Defense success per harmful benchmark.", ""]
-        lines += _table(["run", *safety],
+        lines += markdown_table(["run", *safety],
                         [[name, *(_fmt(run.get("defense_success", {}).get(b)) for b in safety)]
                          for name, run in runs.items()])
     probs = {name: run["refusal_probability"] for name, run in runs.items() if run.get("refusal_probability")}
@@ -60,14 +60,14 @@ def report_markdown(report: Mapping[str, Any], notes: str = "") -> str:
         lines += ["", "Mean refusal probability (appendix A.5 set) per benchmark and category.", ""]
         keys = _ordered({f"{b}/{c}" for p in probs.values() for b, cs in p.items() for c in cs},
                         OVER_REFUSAL_ORDER + SAFETY_ORDER)
-        lines += _table(["run", *keys],
+        lines += markdown_table(["run", *keys],
                         [[name, *(_fmt(_lookup(p, k), ".3g") for k in keys)] for name, p in probs.items()])
     layers = {name: run["separability"] for name, run in runs.items() if run.get("separability")}
     if layers:
         lines += ["", "Separability of toxic vs other prompts per layer (k-means + Hungarian accuracy; "
                   "0.5 is chance for balanced sets).", ""]
         depth = max(len(s["accuracy_per_layer"]) for s in layers.values())
-        lines += _table(["run", "benchmark", *(f"L{i}" for i in range(depth))],
+        lines += markdown_table(["run", "benchmark", *(f"L{i}" for i in range(depth))],
                         [[name, s["benchmark"], *(_fmt(a) for a in s["accuracy_per_layer"])]
                          for name, s in layers.items()])
     lines += ["", "## Judges", ""]
@@ -137,5 +137,6 @@ def _lookup(probs: Mapping[str, Mapping[str, float]], key: str) -> float | None:
     return probs.get(benchmark, {}).get(category)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a GitHub-style markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
