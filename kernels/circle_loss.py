@@ -65,17 +65,20 @@ def _sim_tile(X, R, rows, cols, B, M, D, stride_x, stride_r, x_res, r_res,
     ``X_RES`` / ``R_RES``: that side's tile is already in registers (``x_res`` / ``r_res``,
     from :func:`_resident_tile`; d fits one chunk), the other side is loaded here.
     """
-    if X_RES or R_RES:
-        dd = tl.arange(0, BLOCK_D)
-        x = x_res if X_RES else _input_tile(X, rows, B, stride_x, dd, D, ACC, UPCAST)
-        r = r_res if R_RES else _input_tile(R, cols, M, stride_r, dd, D, ACC, UPCAST)
-        return tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        x = _input_tile(X, rows, B, stride_x, dd, D, ACC, UPCAST)
-        r = _input_tile(R, cols, M, stride_r, dd, D, ACC, UPCAST)
-        acc += tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
+    # Static branches only (no boolean operators on constexprs, one return), for every Triton.
+    if X_RES:
+        r = _input_tile(R, cols, M, stride_r, tl.arange(0, BLOCK_D), D, ACC, UPCAST)
+        acc = tl.dot(x_res, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
+    elif R_RES:
+        x = _input_tile(X, rows, B, stride_x, tl.arange(0, BLOCK_D), D, ACC, UPCAST)
+        acc = tl.dot(x, tl.trans(r_res), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            x = _input_tile(X, rows, B, stride_x, dd, D, ACC, UPCAST)
+            r = _input_tile(R, cols, M, stride_r, dd, D, ACC, UPCAST)
+            acc += tl.dot(x, tl.trans(r), input_precision=PRECISION, out_dtype=ACC)
     return acc
 
 
@@ -256,13 +259,16 @@ def _config(bm: int, bn: int, block_d: int, warps: int, stages: int) -> triton.C
 
 # Candidate tiles per kernel on the GPU (fp16/bf16/fp32), short lists so the first call of a
 # shape class tunes in seconds. fp64 has no fast tensor-core path and gets small tiles.
+# Compiled for sm_90 here (bench/kernel_resources.py), none spills; most use all 255 registers
+# at 4 warps, so 64×64 tiles also come with 8 warps (fewer registers a thread, same tile).
 CONFIGS = {
-    "fwd": [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3), _config(64, 128, 64, 4, 3),
-            _config(128, 128, 64, 8, 3), _config(64, 64, 128, 4, 2), _config(128, 64, 128, 8, 2)],
-    "bwd": [_config(64, 64, 64, 4, 2), _config(64, 64, 128, 4, 2), _config(128, 64, 64, 8, 2),
-            _config(64, 128, 64, 8, 2), _config(32, 64, 64, 4, 2)],
-    "ds": [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 3), _config(64, 128, 64, 4, 3),
-           _config(128, 128, 64, 8, 3), _config(128, 128, 32, 8, 4)],
+    "fwd": [_config(64, 64, 64, 4, 3), _config(64, 64, 64, 8, 3), _config(128, 64, 64, 8, 3),
+            _config(64, 128, 64, 4, 3), _config(128, 128, 64, 8, 3), _config(64, 64, 128, 4, 2),
+            _config(128, 64, 128, 8, 2)],
+    "bwd": [_config(64, 64, 64, 4, 2), _config(64, 64, 64, 8, 2), _config(64, 64, 128, 4, 2),
+            _config(128, 64, 64, 8, 2), _config(64, 128, 64, 8, 2), _config(32, 64, 64, 4, 2)],
+    "ds": [_config(64, 64, 64, 4, 3), _config(64, 64, 64, 8, 3), _config(128, 64, 64, 8, 3),
+           _config(64, 128, 64, 4, 3), _config(128, 128, 64, 8, 3), _config(128, 128, 32, 8, 4)],
 }
 FP64_CONFIGS = [_config(32, 32, 32, 4, 2), _config(64, 32, 32, 4, 2)]
 # The CPU interpreter ignores warps and stages; small tiles keep it quick.

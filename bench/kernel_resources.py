@@ -1,0 +1,168 @@
+"""Hopper resources of the Triton kernels, measured without a GPU: compile, then read the cubin.
+
+Every variant the GPU autotuner can pick (kernel × candidate tile config × dtype × the
+constexpr flags the host sets) is compiled ahead of time for sm_90 (H100/H200) with Triton's
+own bundled ptxas, and the cubin's registers per thread, spilled bytes (LOCAL) and static
+shared memory are read back with the bundled ``cuobjdump``; Triton's metadata gives the
+dynamic shared memory. What this shows: that the real GPU code path compiles (the CPU tests
+run the interpreter, which never does), and which configs could not launch (shared memory
+over the 227 KiB a block may use) or would spill. What it cannot show: speed. Registers
+above 255 per thread are impossible; above ~128 with 8 warps, occupancy drops.
+
+Needs only the ``triton`` wheel (its NVIDIA backend ships ptxas and cuobjdump on Linux x86).
+From the repository root:
+
+    python -m bench.kernel_resources            # every variant (~2 s each), JSON under bench/results/
+    python -m bench.kernel_resources --quick    # one config per kernel and dtype
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreter cannot compile; must precede the kernels' import
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bench.common import RESULTS_DIR  # noqa: E402
+from dcr_fast import atomic  # noqa: E402
+from dcr_fast.kernels import circle_loss as K  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED_BYTES = 227 * 1024  # per block on sm_90 (H100, H200)
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+_POINTER = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
+_SIZES = ("B", "M", "D", "stride_x", "stride_r", "stride_out", "stride_ds", "SIZE_CLASS", "row0", "n_rows")
+_MARGINS = dict(o_p=1.4, o_n=-0.4, delta_p=0.6, delta_n=0.4, gamma=80.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compilation: a kernel, its input dtype, a tile config and the host-set flags."""
+
+    kernel: str  # fwd | bwd | ds (the keys of K.CONFIGS)
+    dtype: str
+    config: triton.Config
+    flags: tuple[tuple[str, object], ...]  # constexprs the host sets (beyond tiles and dtype)
+
+    def name(self) -> str:
+        tiles = "x".join(str(self.config.kwargs[k]) for k in ("BM", "BN", "BLOCK_D"))
+        flags = ",".join(f"{k}={v}" for k, v in self.flags)
+        return f"{self.kernel} {self.dtype} {tiles} w{self.config.num_warps}s{self.config.num_stages} {flags}"
+
+
+def variants(quick: bool = False) -> list[Variant]:
+    """Every variant the autotuner may launch (``quick``: the first candidate config of each)."""
+    out = []
+    for kernel, configs in K.CONFIGS.items():
+        for dtype in ("bfloat16", "float16", "float32", "float64"):
+            candidates = K.FP64_CONFIGS if dtype == "float64" else configs
+            for config in candidates[:1] if quick else candidates:
+                for flags in _flag_sets(kernel, dtype):
+                    out.append(Variant(kernel, dtype, config, flags))
+    return out
+
+
+def _flag_sets(kernel: str, dtype: str) -> list[tuple[tuple[str, object], ...]]:
+    precision = "tf32" if dtype == "float32" else "ieee"  # fp32 with allow_tf32 (ieee is the fp64 path's)
+    base = (("PRECISION", precision), ("EXCLUDE_DIAG", True))
+    resident = [(("RESIDENT", True),), (("RESIDENT", False),)]
+    if kernel == "bwd":  # dX̂; dR̂; dR̂ added onto dX̂ (self-reference)
+        sides = [(("FOR_REF", False), ("ACCUMULATE", False)), (("FOR_REF", True), ("ACCUMULATE", False)),
+                 (("FOR_REF", True), ("ACCUMULATE", True))]
+        return [base + s + r for s in sides for r in resident]
+    return [base + r for r in resident]
+
+
+def compile_variant(variant: Variant) -> dict:
+    """Compile for sm_90; registers, spills and shared memory of the cubin."""
+    fn = {"fwd": K._circle_fwd_kernel, "bwd": K._circle_bwd_kernel, "ds": K._circle_ds_kernel}[variant.kernel]
+    acc = "float64" if variant.dtype == "float64" else "float32"
+    ds_dtype = "float32" if variant.dtype == "float32" else variant.dtype
+    pointers = dict(X=variant.dtype, R=variant.dtype, LSE_P=acc, LSE_N=acc, G_P=acc, G_N=acc, OUT=acc, DS=ds_dtype)
+    constexprs = dict(_MARGINS, **variant.config.kwargs, **dict(variant.flags), UPCAST=False,
+                      ACC=tl.float64 if acc == "float64" else tl.float32, BLOCK_DO=128)
+    signature = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            signature[name] = _POINTER[pointers[name]]
+        elif name in ("Ylab", "Rlab"):
+            signature[name] = "*i64"
+        elif name in _SIZES:
+            signature[name] = "i32"
+        else:
+            signature[name] = "constexpr"
+    missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
+    if missing:
+        raise ValueError(f"{variant.name()}: no value for constexpr {missing}")
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(n),): constexprs[n] for n, t in signature.items() if t == "constexpr"})
+    start = time.perf_counter()
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=variant.config.num_warps,
+                                                                  num_stages=variant.config.num_stages))
+    seconds = time.perf_counter() - start
+    usage = _resource_usage(compiled.asm["cubin"])
+    shared = compiled.metadata.shared + usage["shared_static"]
+    return dict(variant=variant.name(), kernel=variant.kernel, dtype=variant.dtype, tiles=dict(variant.config.kwargs),
+                num_warps=variant.config.num_warps, num_stages=variant.config.num_stages, flags=dict(variant.flags),
+                registers=usage["registers"], spill_bytes=usage["local"], shared_bytes=shared,
+                launchable=shared <= MAX_SHARED_BYTES, compile_s=round(seconds, 2))
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(TOOLS / "cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", text)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
+    registers, shared, local = map(int, found.groups())
+    return dict(registers=registers, shared_static=shared, local=local)
+
+
+def available() -> str | None:
+    """None when this Triton can compile for sm_90 here, else why not."""
+    if not (TOOLS / "ptxas").exists() or not (TOOLS / "cuobjdump").exists():
+        return f"this triton wheel has no bundled ptxas/cuobjdump under {TOOLS}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the first candidate config of each kernel and dtype")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    reason = available()
+    if reason:
+        print(reason)
+        return 1
+    rows = []
+    for variant in variants(quick=args.quick):
+        row = compile_variant(variant)
+        rows.append(row)
+        print(f"{row['variant']:<70} regs {row['registers']:>3}  spill {row['spill_bytes']:>5} B  "
+              f"smem {row['shared_bytes'] / 1024:>6.1f} KiB{'' if row['launchable'] else '  NOT LAUNCHABLE'}", flush=True)
+    path = Path(args.results_dir) / "kernel_resources-sm90.json"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    atomic.write_json(path, {"what": __doc__.split("\n\n")[0], "target": "sm_90 (cuda, warp 32)",
+                             "triton": triton.__version__, "git_commit": commit, "rows": rows}, indent=1)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
