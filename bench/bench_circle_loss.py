@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import itertools
 import os
 import sys
 import time
+import unittest.mock
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,7 +58,9 @@ from bench.common import (
 from dcr_fast.config import add_config_arguments, config_from_args
 
 BENCH = "circle_loss"
-IMPLS = ("matmul", "triton", "torch", "chunked", "compile", "pml")  # matmul first: others divide by it
+# matmul first: others divide by it. chunked-torch: the chunked path with its PyTorch row
+# epilogue, the reference of the fused C++ row kernels that "chunked" uses on the CPU.
+IMPLS = ("matmul", "triton", "torch", "chunked", "chunked-torch", "compile", "pml")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATMUL_CHUNK = 16384
 REFERENCE_MAX_B = 16384  # above this the fp32 reference for the error check is the chunked path
@@ -77,8 +81,9 @@ def _grid(batch_sizes: tuple[int, ...], dims: tuple[int, ...], dtypes: tuple[str
 
 
 PRESETS = {
-    "quick": Preset(_grid((1024, 2048), (128,), ("float32",)), ("matmul", "torch", "chunked", "pml")),
-    "cpu": Preset(_grid((1024, 4096, 8192), (128, 1536), ("float32",)), ("matmul", "torch", "chunked", "pml")),
+    "quick": Preset(_grid((1024, 2048), (128,), ("float32",)), ("matmul", "torch", "chunked", "chunked-torch", "pml")),
+    "cpu": Preset(_grid((1024, 4096, 8192), (128, 1536), ("float32",)),
+                  ("matmul", "torch", "chunked", "chunked-torch", "pml")),
     "gpu": Preset(_grid((1024, 4096, 16384, 65536, 131072), (128, 1536, 4096), ("bfloat16", "float32")),
                   ("matmul", "triton", "torch", "compile", "pml")),
     "targets": Preset(((16384, 128, "bfloat16"), (16384, 4096, "bfloat16"), (131072, 1536, "bfloat16")),
@@ -232,6 +237,14 @@ def loss_function(impl: str, config: CircleBenchConfig, device: torch.device) ->
             torch._dynamo.reset()  # a fresh cache per case: no recompilation limit, no stale graphs
             return torch.compile(fn)
         return fn
+    if impl == "chunked-torch":
+        module = importlib.import_module("dcr_fast.circle_loss")  # the package's circle_loss is the function
+
+        def chunked_torch(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # the backward follows the forward's choice (kept on the autograd node)
+            with unittest.mock.patch.object(module, "_fused_rows_available", lambda _: False):
+                return module.circle_loss(embeddings, labels, backend="chunked", **kwargs)
+        return chunked_torch
     if impl == "pml":
         if config.variant != "original":
             return "pytorch-metric-learning has only the original variant"

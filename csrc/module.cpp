@@ -17,4 +17,13 @@ TORCH_LIBRARY(dcr_fast, m) {
   m.def(
       "probe_linear(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor d, Tensor? d_bias, "
       "Tensor scale) -> Tensor");
+  // The fused per-row epilogues of the chunked CPU Circle loss over a chunk S of similarity
+  // rows [row0, row0 + S.size(0)): the two log-sum-exps, and dS written over S in place.
+  // See csrc/circle_rows.cpp; the reference is the PyTorch branch of dcr_fast/circle_loss.py.
+  m.def(
+      "circle_rows_lse(Tensor s, Tensor labels, Tensor ref_labels, int row0, bool exclude_diag, float o_p, "
+      "float o_n, float delta_p, float delta_n, float gamma) -> (Tensor, Tensor)");
+  m.def(
+      "circle_rows_ds_(Tensor(a!) s, Tensor labels, Tensor ref_labels, int row0, bool exclude_diag, float o_p, "
+      "float o_n, float delta_p, float delta_n, float gamma, Tensor lse_p, Tensor lse_n, Tensor g_p, Tensor g_n) -> ()");
 }

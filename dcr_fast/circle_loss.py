@@ -16,7 +16,8 @@ shared, so the backends differ only in how they get those two vectors:
   O(chunk·M) working memory, any device; the CPU path for large batches.
 * ``"triton"``  — fused Triton kernels (``dcr_fast.kernels.circle_loss``): online
   log-sum-exp over column tiles, recompute in the backward, never a B×M tensor saved.
-* ``"auto"``    — Triton for CUDA tensors, otherwise chunked when B·M is large, else torch.
+* ``"auto"``    — Triton for CUDA tensors; on the CPU chunked (with the extension's fused row
+  kernels for float32/float64), or torch for small B·M when those kernels are not available.
 
 Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; the loss is
 returned in the embeddings' dtype, as PML does. Explicit ``indices_tuple`` pairs go through
@@ -32,6 +33,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dcr_fast._extension import HAS_EXTENSION
 
 __all__ = ["CircleLoss", "circle_loss", "circle_lse_reference", "circle_lse_chunked"]
 
@@ -180,24 +183,56 @@ def circle_lse_reference(x_hat: Tensor, r_hat: Tensor, pos: Tensor, neg: Tensor,
 
 
 def circle_lse_chunked(x_hat: Tensor, r_hat: Tensor, labels: Tensor, ref_labels: Tensor,
-                       exclude_diag: bool, mg: _Margins, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
-    """Row log-sum-exps streamed over row chunks; only a chunk×M block is ever live."""
+                       exclude_diag: bool, mg: _Margins, chunk_rows: int | None = None,
+                       fused: bool | None = None) -> tuple[Tensor, Tensor]:
+    """Row log-sum-exps streamed over row chunks; only a chunk×M block is ever live.
+
+    Each chunk's similarities come from one GEMM; the elementwise work after it runs in the
+    extension's fused row kernels (``csrc/circle_rows.cpp``: one pass over the chunk instead of
+    ~15) when ``fused`` (default: the extension is built and the tensors are float32/float64 on
+    the CPU), else in PyTorch, the reference they are tested against.
+    """
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // max(1, r_hat.shape[0]))
-    return _ChunkedCircleLSE.apply(x_hat, r_hat, labels, ref_labels, exclude_diag, mg, chunk_rows)
+    if fused is None:
+        fused = _fused_rows_available(x_hat)
+    return _ChunkedCircleLSE.apply(x_hat, r_hat, labels, ref_labels, exclude_diag, mg, chunk_rows, fused)
+
+
+def _fused_rows_available(x_hat: Tensor) -> bool:
+    return HAS_EXTENSION and x_hat.device.type == "cpu" and x_hat.dtype in (torch.float32, torch.float64)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("dcr_fast::circle_rows_lse")
+    def _circle_rows_lse_fake(s, labels, ref_labels, row0, exclude_diag, o_p, o_n, delta_p, delta_n, gamma):
+        return s.new_empty(s.shape[0]), s.new_empty(s.shape[0])
+
+    @torch.library.register_fake("dcr_fast::circle_rows_ds_")
+    def _circle_rows_ds_fake(s, labels, ref_labels, row0, exclude_diag, o_p, o_n, delta_p, delta_n, gamma,
+                             lse_p, lse_n, g_p, g_n):
+        return None
 
 
 class _ChunkedCircleLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hat, r_hat, labels, ref_labels, exclude_diag, mg, chunk_rows):
+    def forward(ctx, x_hat, r_hat, labels, ref_labels, exclude_diag, mg, chunk_rows, fused):
         lse_p = x_hat.new_empty(x_hat.shape[0])
         lse_n = torch.empty_like(lse_p)
-        for sl, pos, neg in _row_chunks(labels, ref_labels, exclude_diag, chunk_rows):
-            lp, ln = _circle_logits(x_hat[sl] @ r_hat.T, mg)
-            lse_p[sl] = torch.logsumexp(lp.masked_fill_(~pos, float("-inf")), dim=1)
-            lse_n[sl] = torch.logsumexp(ln.masked_fill_(~neg, float("-inf")), dim=1)
+        if fused:
+            labels, ref_labels = labels.long().contiguous(), ref_labels.long().contiguous()
+            for start in range(0, x_hat.shape[0], chunk_rows):
+                sl = slice(start, start + chunk_rows)
+                lse_p[sl], lse_n[sl] = torch.ops.dcr_fast.circle_rows_lse(
+                    x_hat[sl] @ r_hat.T, labels, ref_labels, start, exclude_diag, *_scalars(mg))
+        else:
+            for sl, pos, neg in _row_chunks(labels, ref_labels, exclude_diag, chunk_rows):
+                lp, ln = _circle_logits(x_hat[sl] @ r_hat.T, mg)
+                lse_p[sl] = torch.logsumexp(lp.masked_fill_(~pos, float("-inf")), dim=1)
+                lse_n[sl] = torch.logsumexp(ln.masked_fill_(~neg, float("-inf")), dim=1)
         ctx.save_for_backward(x_hat, r_hat, labels, ref_labels, lse_p, lse_n)
-        ctx.exclude_diag, ctx.mg, ctx.chunk_rows = exclude_diag, mg, chunk_rows
+        ctx.exclude_diag, ctx.mg, ctx.chunk_rows, ctx.fused = exclude_diag, mg, chunk_rows, fused
         return lse_p, lse_n
 
     @staticmethod
@@ -206,6 +241,16 @@ class _ChunkedCircleLSE(torch.autograd.Function):
         mg = ctx.mg
         dx = torch.zeros_like(x_hat)
         dr = torch.zeros_like(r_hat)
+        if ctx.fused:
+            g_p, g_n = g_p.to(x_hat.dtype).contiguous(), g_n.to(x_hat.dtype).contiguous()
+            for start in range(0, x_hat.shape[0], ctx.chunk_rows):
+                sl = slice(start, start + ctx.chunk_rows)
+                ds = x_hat[sl] @ r_hat.T
+                torch.ops.dcr_fast.circle_rows_ds_(ds, labels, ref_labels, start, ctx.exclude_diag, *_scalars(mg),
+                                                   lse_p[sl], lse_n[sl], g_p[sl], g_n[sl])
+                dx[sl] = ds @ r_hat
+                dr += ds.T @ x_hat[sl]
+            return dx, dr, None, None, None, None, None, None
         for sl, pos, neg in _row_chunks(labels, ref_labels, ctx.exclude_diag, ctx.chunk_rows):
             s = x_hat[sl] @ r_hat.T
             lp, ln = _circle_logits(s, mg)
@@ -216,7 +261,11 @@ class _ChunkedCircleLSE(torch.autograd.Function):
                              - g_p[sl, None] * w_p * torch.relu(mg.o_p - s))
             dx[sl] = ds @ r_hat
             dr += ds.T @ x_hat[sl]
-        return dx, dr, None, None, None, None, None
+        return dx, dr, None, None, None, None, None, None
+
+
+def _scalars(mg: _Margins) -> tuple[float, float, float, float, float]:
+    return mg.o_p, mg.o_n, mg.delta_p, mg.delta_n, mg.gamma
 
 
 def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_rows: int):
@@ -403,7 +452,11 @@ def _dense_pair_masks(structure, x_hat: Tensor, r_hat: Tensor) -> tuple[Tensor, 
 def _auto_backend(embeddings: Tensor, n_ref: int) -> str:
     if embeddings.device.type == "cuda":
         return "triton"
-    return "chunked" if embeddings.shape[0] * n_ref > AUTO_CHUNK_THRESHOLD else "torch"
+    # With the fused row kernels the chunked path beats the reference at every size measured
+    # (bench/results/circle_loss-cpu-*.json); without them, only once S is large.
+    if _fused_rows_available(embeddings) or embeddings.shape[0] * n_ref > AUTO_CHUNK_THRESHOLD:
+        return "chunked"
+    return "torch"
 
 
 # ----------------------------------------------------------------------------- input checks

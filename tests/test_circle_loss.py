@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_close
 from dcr_fast import CircleLoss, circle_loss
+from dcr_fast._extension import HAS_EXTENSION
 from dcr_fast.kernels import circle_loss as kernels
 
 # Tolerances, once per dtype: fp64 is round-off; fp32 carries γ·ε amplification in the
@@ -184,22 +185,66 @@ def test_triton_fp16_accumulates_in_fp32():
     assert_close(g[0], g_ref[0], rtol=2e-2, atol=2e-2 * g_ref[0].abs().max().item(), what="d embeddings")
 
 
-def test_chunked_matches_reference_across_chunk_boundaries():
-    x, y, ref = _batch(45, 9, 5, 38, torch.float64)
-    from dcr_fast.circle_loss import _margins, circle_lse_chunked, circle_lse_reference, _dense_label_masks
+FUSED_ROWS = [False] + ([True] if HAS_EXTENSION else [])  # the C++ row kernels and their PyTorch reference
 
+
+@pytest.mark.parametrize("fused", FUSED_ROWS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("self_ref,classes", [(True, 5), (False, 5), (True, 1), (False, 40)])
+def test_chunked_matches_reference_across_chunk_boundaries(fused, dtype, self_ref, classes):
+    """Chunk edges, the diagonal, rows with an empty set (one class; singletons) and grads."""
+    from dcr_fast.circle_loss import _dense_label_masks, _margins, circle_lse_chunked, circle_lse_reference
+
+    x, y, ref = _batch(45, 9, classes, 38, torch.float64)
+    r, ry = (x, y) if self_ref else ref
     mg = _margins(0.4, 80.0, "original")
-    xh = torch.nn.functional.normalize(x, dim=1).requires_grad_()
-    rh = torch.nn.functional.normalize(ref[0], dim=1).requires_grad_()
     gp, gn = torch.randn(45, dtype=torch.float64), torch.randn(45, dtype=torch.float64)
+    masks = _dense_label_masks(y, ry, self_ref)
     for chunk in (1, 7, 45, 100):
-        a = circle_lse_chunked(xh, rh, y, ref[1], False, mg, chunk_rows=chunk)
-        b = circle_lse_reference(xh, rh, *_dense_label_masks(y, ref[1], False), mg)
-        ga = torch.autograd.grad((a[0] * gp).nansum() + (a[1] * gn).nansum(), (xh, rh))
-        gb = torch.autograd.grad((b[0] * gp).nansum() + (b[1] * gn).nansum(), (xh, rh))
+        xh = torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_()
+        rh = xh if self_ref else torch.nn.functional.normalize(r, dim=1).to(dtype).requires_grad_()
+        inputs = (xh,) if self_ref else (xh, rh)
+        a = circle_lse_chunked(xh, rh, y, ry, self_ref, mg, chunk_rows=chunk, fused=fused)
+        x64 = xh.detach().double().requires_grad_()
+        r64 = x64 if self_ref else rh.detach().double().requires_grad_()
+        b = circle_lse_reference(x64, r64, *masks, mg)
+        ga = torch.autograd.grad(_weighted(a, gp.to(dtype), gn.to(dtype)), inputs)
+        gb = torch.autograd.grad(_weighted(b, gp, gn), (x64,) if self_ref else (x64, r64))
+        tol = TOL[dtype]
         for u, v in zip(a + ga, b + gb):
-            assert_close(torch.nan_to_num(u, neginf=-1e300), torch.nan_to_num(v, neginf=-1e300),
-                         **TOL[torch.float64], what=f"chunk={chunk}")
+            finite = v[torch.isfinite(v)]
+            scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0  # γ amplifies rounding
+            assert_close(torch.nan_to_num(u.double(), neginf=-1e300), torch.nan_to_num(v, neginf=-1e300),
+                         rtol=tol["rtol"], atol=tol["atol"] * scale, what=f"chunk={chunk}")
+
+
+def _weighted(lse: tuple[torch.Tensor, torch.Tensor], gp: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
+    """Σ g·lse over the rows whose set is non-empty (an empty set's lse is -inf)."""
+    return sum(torch.where(torch.isfinite(v), v * g, torch.zeros_like(v)).sum() for v, g in zip(lse, (gp, gn)))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_row_ops_pass_opcheck(dtype):
+    s = torch.randn(6, 9, dtype=dtype)
+    labels, ref_labels = torch.randint(0, 3, (10,)), torch.randint(0, 3, (9,))
+    scalars = (2, True, 1.4, -0.4, 0.6, 0.4, 80.0)
+    lse_p, lse_n = torch.ops.dcr_fast.circle_rows_lse(s, labels, ref_labels, *scalars)
+    torch.library.opcheck(torch.ops.dcr_fast.circle_rows_lse, (s, labels, ref_labels, *scalars))
+    finite = [torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for t in (lse_p, lse_n)]
+    torch.library.opcheck(torch.ops.dcr_fast.circle_rows_ds_,
+                          (s.clone(), labels, ref_labels, *scalars, *finite, torch.randn(6, dtype=dtype),
+                           torch.randn(6, dtype=dtype)))
+
+
+def test_fused_row_ops_reject_bad_input():
+    if not HAS_EXTENSION:
+        pytest.skip("needs the compiled extension")
+    s, labels = torch.randn(4, 5), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match="ref_labels must be"):
+        torch.ops.dcr_fast.circle_rows_lse(s, labels, labels, 0, True, 1.4, -0.4, 0.6, 0.4, 80.0)
+    with pytest.raises(ValueError, match="outside the 6 labels"):
+        torch.ops.dcr_fast.circle_rows_lse(s, labels, labels[:5], 3, True, 1.4, -0.4, 0.6, 0.4, 80.0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
@@ -304,12 +349,18 @@ def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
     assert max(n for n in allocations.nbytes if n < B * d * 4) <= max(B * d * 2, kernels.DS_CHUNK_BYTES)
 
 
-def test_auto_backend_chunks_large_cpu_batches(monkeypatch):
+@pytest.mark.parametrize("fused_rows", [True, False])
+def test_auto_backend_on_the_cpu(fused_rows, monkeypatch):
+    """Chunked whenever the fused row kernels exist, else only above the size threshold."""
     cl = importlib.import_module("dcr_fast.circle_loss")  # the package re-exports a function of that name
     calls = []
     real = cl.circle_lse_chunked
     monkeypatch.setattr(cl, "circle_lse_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cl, "_fused_rows_available", lambda _: fused_rows)
     monkeypatch.setattr(cl, "AUTO_CHUNK_THRESHOLD", 100)
+    small, y_small, _ = _batch(8, 4, 3, None, torch.float32)
+    circle_loss(small, y_small)
+    assert bool(calls) == fused_rows
     x, y, _ = _batch(20, 4, 3, None, torch.float32)
     assert circle_loss(x, y).item() == pytest.approx(circle_loss(x, y, backend="torch").item(), rel=1e-5)
     assert calls
