@@ -53,14 +53,15 @@ DCR_FAST_CPU_CLONES void lse_row(const T* s, const int64_t* ref, int64_t M, int6
     if (set > 0) max_p = std::max(max_p, logit_p(s[j], m));
     if (set < 0) max_n = std::max(max_n, logit_n(s[j], m));
   }
-  T sum_p = 0, sum_n = 0;
+  // A row sums up to M terms one after another: in double, so float rows keep float accuracy.
+  double sum_p = 0, sum_n = 0;
   for (int64_t j = 0; j < M; ++j) {
     const int set = member(y, ref[j], j == diag);
     if (set > 0) sum_p += std::exp(logit_p(s[j], m) - max_p);
     if (set < 0) sum_n += std::exp(logit_n(s[j], m) - max_n);
   }
-  *out_p = max_p == -inf ? -inf : max_p + std::log(sum_p);
-  *out_n = max_n == -inf ? -inf : max_n + std::log(sum_n);
+  *out_p = max_p == -inf ? -inf : max_p + static_cast<T>(std::log(sum_p));
+  *out_n = max_n == -inf ? -inf : max_n + static_cast<T>(std::log(sum_n));
 }
 
 template <typename T>
