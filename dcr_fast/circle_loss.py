@@ -16,8 +16,8 @@ shared, so the backends differ only in how they get those two vectors:
   O(chunk·M) working memory, any device; the CPU path for large batches.
 * ``"triton"``  — fused Triton kernels (``dcr_fast.kernels.circle_loss``): online
   log-sum-exp over column tiles, recompute in the backward, never a B×M tensor saved.
-* ``"auto"``    — Triton for CUDA tensors; on the CPU chunked (with the extension's fused row
-  kernels for float32/float64), or torch for small B·M when those kernels are not available.
+* ``"auto"``    — Triton for CUDA tensors; on the CPU chunked when B·M is large, or when d ≤ 512
+  and the extension's fused row kernels are built (float32/float64), else torch.
 
 Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs; the loss is
 returned in the embeddings' dtype, as PML does. Explicit ``indices_tuple`` pairs go through
@@ -452,9 +452,11 @@ def _dense_pair_masks(structure, x_hat: Tensor, r_hat: Tensor) -> tuple[Tensor, 
 def _auto_backend(embeddings: Tensor, n_ref: int) -> str:
     if embeddings.device.type == "cuda":
         return "triton"
-    # With the fused row kernels the chunked path beats the reference at every size measured
-    # (bench/results/circle_loss-cpu-*.json); without them, only once S is large.
-    if _fused_rows_available(embeddings) or embeddings.shape[0] * n_ref > AUTO_CHUNK_THRESHOLD:
+    # Measured on the CPU (bench/results/circle_loss-cpu-*.json): with the fused row kernels the
+    # chunked path wins at every B for d = 128 (2-3x the reference); at d = 1,536 its recomputed
+    # S costs more than the epilogue saves until S itself is large.
+    fused_wins = _fused_rows_available(embeddings) and embeddings.shape[1] <= 512
+    if fused_wins or embeddings.shape[0] * n_ref > AUTO_CHUNK_THRESHOLD:
         return "chunked"
     return "torch"
 

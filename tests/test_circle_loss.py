@@ -351,7 +351,7 @@ def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
 
 @pytest.mark.parametrize("fused_rows", [True, False])
 def test_auto_backend_on_the_cpu(fused_rows, monkeypatch):
-    """Chunked whenever the fused row kernels exist, else only above the size threshold."""
+    """Chunked for small d whenever the fused row kernels exist, else only above the size threshold."""
     cl = importlib.import_module("dcr_fast.circle_loss")  # the package re-exports a function of that name
     calls = []
     real = cl.circle_lse_chunked
@@ -361,6 +361,10 @@ def test_auto_backend_on_the_cpu(fused_rows, monkeypatch):
     small, y_small, _ = _batch(8, 4, 3, None, torch.float32)
     circle_loss(small, y_small)
     assert bool(calls) == fused_rows
+    calls.clear()
+    wide, y_wide, _ = _batch(8, 600, 3, None, torch.float32)  # d > 512: the reference's saved S wins
+    circle_loss(wide, y_wide)
+    assert not calls
     x, y, _ = _batch(20, 4, 3, None, torch.float32)
     assert circle_loss(x, y).item() == pytest.approx(circle_loss(x, y, backend="torch").item(), rel=1e-5)
     assert calls
