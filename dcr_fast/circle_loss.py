@@ -218,17 +218,17 @@ if HAS_EXTENSION:
 class _ChunkedCircleLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, r_hat, labels, ref_labels, exclude_diag, mg, chunk_rows, fused):
-        lse_p = x_hat.new_empty(x_hat.shape[0])
-        lse_n = torch.empty_like(lse_p)
         if fused:
             labels, ref_labels = labels.long().contiguous(), ref_labels.long().contiguous()
-            for start in range(0, x_hat.shape[0], chunk_rows):
-                sl = slice(start, start + chunk_rows)
+        lse_p = x_hat.new_empty(x_hat.shape[0])
+        lse_n = torch.empty_like(lse_p)
+        for sl, pos, neg in _row_chunks(labels, ref_labels, exclude_diag, chunk_rows, masks=not fused):
+            s = x_hat[sl] @ r_hat.T
+            if fused:
                 lse_p[sl], lse_n[sl] = torch.ops.dcr_fast.circle_rows_lse(
-                    x_hat[sl] @ r_hat.T, labels, ref_labels, start, exclude_diag, *_scalars(mg))
-        else:
-            for sl, pos, neg in _row_chunks(labels, ref_labels, exclude_diag, chunk_rows):
-                lp, ln = _circle_logits(x_hat[sl] @ r_hat.T, mg)
+                    s, labels, ref_labels, sl.start, exclude_diag, *_scalars(mg))
+            else:
+                lp, ln = _circle_logits(s, mg)
                 lse_p[sl] = torch.logsumexp(lp.masked_fill_(~pos, float("-inf")), dim=1)
                 lse_n[sl] = torch.logsumexp(ln.masked_fill_(~neg, float("-inf")), dim=1)
         ctx.save_for_backward(x_hat, r_hat, labels, ref_labels, lse_p, lse_n)
@@ -239,26 +239,22 @@ class _ChunkedCircleLSE(torch.autograd.Function):
     def backward(ctx, g_p, g_n):
         x_hat, r_hat, labels, ref_labels, lse_p, lse_n = ctx.saved_tensors
         mg = ctx.mg
+        g_p, g_n = g_p.to(x_hat.dtype).contiguous(), g_n.to(x_hat.dtype).contiguous()
         dx = torch.zeros_like(x_hat)
         dr = torch.zeros_like(r_hat)
-        if ctx.fused:
-            g_p, g_n = g_p.to(x_hat.dtype).contiguous(), g_n.to(x_hat.dtype).contiguous()
-            for start in range(0, x_hat.shape[0], ctx.chunk_rows):
-                sl = slice(start, start + ctx.chunk_rows)
-                ds = x_hat[sl] @ r_hat.T
-                torch.ops.dcr_fast.circle_rows_ds_(ds, labels, ref_labels, start, ctx.exclude_diag, *_scalars(mg),
-                                                   lse_p[sl], lse_n[sl], g_p[sl], g_n[sl])
-                dx[sl] = ds @ r_hat
-                dr += ds.T @ x_hat[sl]
-            return dx, dr, None, None, None, None, None, None
-        for sl, pos, neg in _row_chunks(labels, ref_labels, ctx.exclude_diag, ctx.chunk_rows):
+        for sl, pos, neg in _row_chunks(labels, ref_labels, ctx.exclude_diag, ctx.chunk_rows, masks=not ctx.fused):
             s = x_hat[sl] @ r_hat.T
-            lp, ln = _circle_logits(s, mg)
-            # softmax weights of each set; masked lanes are exactly zero (no NaN from -inf rows)
-            w_p = torch.exp(lp - lse_p[sl, None]).masked_fill_(~pos, 0.0)
-            w_n = torch.exp(ln - lse_n[sl, None]).masked_fill_(~neg, 0.0)
-            ds = mg.gamma * (g_n[sl, None] * w_n * torch.relu(s - mg.o_n)
-                             - g_p[sl, None] * w_p * torch.relu(mg.o_p - s))
+            if ctx.fused:  # dS over S in place
+                torch.ops.dcr_fast.circle_rows_ds_(s, labels, ref_labels, sl.start, ctx.exclude_diag, *_scalars(mg),
+                                                   lse_p[sl], lse_n[sl], g_p[sl], g_n[sl])
+                ds = s
+            else:
+                lp, ln = _circle_logits(s, mg)
+                # softmax weights of each set; masked lanes are exactly zero (no NaN from -inf rows)
+                w_p = torch.exp(lp - lse_p[sl, None]).masked_fill_(~pos, 0.0)
+                w_n = torch.exp(ln - lse_n[sl, None]).masked_fill_(~neg, 0.0)
+                ds = mg.gamma * (g_n[sl, None] * w_n * torch.relu(s - mg.o_n)
+                                 - g_p[sl, None] * w_p * torch.relu(mg.o_p - s))
             dx[sl] = ds @ r_hat
             dr += ds.T @ x_hat[sl]
         return dx, dr, None, None, None, None, None, None
@@ -268,10 +264,15 @@ def _scalars(mg: _Margins) -> tuple[float, float, float, float, float]:
     return mg.o_p, mg.o_n, mg.delta_p, mg.delta_n, mg.gamma
 
 
-def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_rows: int):
+def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_rows: int, *, masks: bool = True):
+    """(rows, positive mask, negative mask) per chunk; with ``masks=False`` the masks are None
+    (the fused row kernels read the labels themselves)."""
     cols = torch.arange(ref_labels.shape[0], device=labels.device)
     for start in range(0, labels.shape[0], chunk_rows):
         sl = slice(start, min(start + chunk_rows, labels.shape[0]))
+        if not masks:
+            yield sl, None, None
+            continue
         same = labels[sl, None] == ref_labels[None, :]
         pos = same
         if exclude_diag:
