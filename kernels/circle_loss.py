@@ -284,16 +284,17 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     return [c for c in configs if c.kwargs["BLOCK_D"] <= widest]
 
 
-def _tuned(kernel, kind: str, key: tuple[str, ...] = ()):
+def _tuned(kernel, kind: str, key: tuple[str, ...] = (), restore: tuple[str, ...] = ()):
     configs = [INTERPRET_CONFIG] if _INTERPRET else CONFIGS[kind]
     resident = triton.heuristics({"RESIDENT": lambda args: args["D"] <= args["BLOCK_D"]})(kernel)
-    # The autotuner adds the tensors' dtypes to the key.
-    return triton.autotune(configs, key=["D", "SIZE_CLASS", "PRECISION", *key],
+    # The autotuner adds the tensors' dtypes to the key; ``restore``: outputs a launch reads
+    # back, put back after every timed launch, or tuning would add into them many times.
+    return triton.autotune(configs, key=["D", "SIZE_CLASS", "PRECISION", *key], restore_value=list(restore),
                            prune_configs_by={"early_config_prune": _prune})(resident)
 
 
 _circle_fwd = _tuned(_circle_fwd_kernel, "fwd")
-_circle_bwd = _tuned(_circle_bwd_kernel, "bwd", key=("FOR_REF",))
+_circle_bwd = _tuned(_circle_bwd_kernel, "bwd", key=("FOR_REF",), restore=("OUT",))  # ACCUMULATE adds into OUT
 _circle_ds = _tuned(_circle_ds_kernel, "ds")
 _TUNED = {"fwd": _circle_fwd, "bwd": _circle_bwd, "ds": _circle_ds}
 
