@@ -349,7 +349,7 @@ def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.
     otherwise; tests force each path explicitly. Beyond the inputs, the large-d path holds
     one fp32 accumulator of dR̂ (of the summed gradient with ``same_ref``), one dS row chunk
     and column slices of its products, each bounded by DS_CHUNK_BYTES (B=131,072, d=1,536,
-    bf16: 805 + 256 + 64 MB).
+    bf16: 805 + 256 + 64 MB), then the result rounded to the inputs' dtype (403 MB).
     """
     B, D = x_hat.shape
     M = r_hat.shape[0]
@@ -401,6 +401,7 @@ def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.
         x_mm = x_hat[row0:row0 + n].to(ds_dtype)
         for c0 in range(0, D, cols):
             acc[:, c0:c0 + cols] += torch.matmul(ds[:n].t(), x_mm[:, c0:c0 + cols])
+    del ds  # before the rounded copy of acc is made: the peak is acc + that copy, not + dS
     if same_ref:
         return acc.to(x_hat.dtype), None
     return dx, acc.to(r_hat.dtype)
