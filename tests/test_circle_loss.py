@@ -163,9 +163,10 @@ def test_every_tile_config_matches_reference(config, dtype, fused_backward, monk
         assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()), what=name)
 
 
-def _force_tiles(monkeypatch, config) -> None:
+def _force_tiles(monkeypatch, *configs) -> None:
+    """Every kernel's autotuner offers exactly ``configs`` and has tuned nothing yet."""
     for tuner in kernels._TUNED.values():
-        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(tuner, "configs", list(configs))
         monkeypatch.setattr(tuner, "cache", {})
 
 
@@ -181,9 +182,8 @@ def test_autotuning_does_not_change_the_numbers(monkeypatch):
         timed.append(1)
         return [float(len(timed))] * len(quantiles)  # the first config timed wins
 
+    _force_tiles(monkeypatch, kernels.INTERPRET_CONFIG, kernels.CONFIGS["fwd"][0])
     for tuner in kernels._TUNED.values():
-        monkeypatch.setattr(tuner, "configs", [kernels.INTERPRET_CONFIG, kernels.CONFIGS["fwd"][0]])
-        monkeypatch.setattr(tuner, "cache", {})
         monkeypatch.setitem(tuner.__dict__, "do_bench", bench_twice)
     monkeypatch.setattr(kernels, "FUSED_BWD_MAX_D", 10**9)
     x, y, _ = _batch(70, 20, 4, None, torch.float32)
