@@ -156,7 +156,7 @@ def run(config: EntkBenchConfig) -> list[Row]:
 
     if config.large_prompts and "exact" in config.methods:
         big = make_groups(config.large_prompts, config.tokens, config.vocab, device, seed=1)
-        offload = device.type == "cuda"  # ~20 MB of probe features a prompt at 1.5B widths
+        offload = device.type == "cuda"  # ~18 MB of probe features a prompt at 1.5B widths
         large_settings = {**settings, "progress": True, "offload_features": offload}
         seconds, _ = timed(lambda: entk_matrix(model, None, big, method="exact", **large_settings), device)
         large_case = {**case, "N": config.large_prompts, "pairs": config.large_prompts**2, "offload": offload}
