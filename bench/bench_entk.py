@@ -16,10 +16,10 @@ Each row records pairs/s, the speed-up over ``fd-reference`` and the largest rel
 difference of its normalized values from ``exact``. Presets: ``cpu-tiny`` (a small random
 Qwen2, float32) and ``qwen2.5-1.5b`` (the Qwen2.5-1.5B architecture from its config with
 random weights, 75 prompts and the 3,000-prompt run, which is for a GPU; on a CPU pass
-``--large-prompts 0``: the 75×75 matrix with all three methods takes about 40 minutes on 2 cores). Both run the model in
-float32: ``fd-reference`` perturbs in the model's dtype, and in bf16 its differences are
-rounding noise (measured: 6× off the exact value), so a bf16 comparison would time a
-reference that does not measure the same quantity. Rows go to
+``--large-prompts 0``: the 75×75 matrix with all three methods takes about 40 minutes on 2
+cores). Both run the model in float32: ``fd-reference`` perturbs in the model's dtype, and in
+bf16 its differences are rounding noise (measured: 6× off the exact value), so a bf16
+comparison would time a reference that does not measure the same quantity. Rows go to
 ``bench/results/entk-<device>.json`` (``bench/common.py``). From the repository root:
 
     python -m bench.bench_entk                      # CPU, tiny model, a few minutes on 2 cores
