@@ -15,8 +15,10 @@
 #   compile  torch.compile of the reference beside the fused kernel at B=16,384, d=128 and 4,096
 #   others   every other bench/bench_*.py (refusal_prob, entk_probe_op, ...) with --gpu or
 #            --device cuda, whichever it takes, sharing the stage's time
-#   entk     (not in the default list: give it its own call) the eNTK benchmark alone with the
-#            time the 3,000-prompt exact run needs: 75x75 matrix per method, then the large run
+#   entk     (not in the default list) the eNTK benchmark's 75x75 matrix per method on the
+#            Qwen2.5-1.5B architecture (minutes); e.g. `setup entk sft sweep`
+#   entk-large (not in the default list: give it its own call) the 3,000-prompt exact run
+#            alone, so it has all of a call's time (its target is 10 minutes)
 #   sft      (not in the default list) dcr-fast sft's step vs TRL SFTTrainer on the Qwen2.5-1.5B
 #            shape (builds the model once per implementation: minutes); e.g. `sft sweep`
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
@@ -97,11 +99,12 @@ for s in $STAGES; do
     compile) stage compile 150 circle --batch-sizes 16384 --dims 128 4096 --dtypes bfloat16 --modes fwd+bwd \
                --impls matmul triton torch compile --budget-s 0.5 ;;
     others)  stage others 240 others ;;
-    entk)    stage entk 560 "$PY" -m bench.bench_entk --device cuda ;;
+    entk)    stage entk 240 "$PY" -m bench.bench_entk --device cuda --large-prompts 0 ;;
+    entk-large) stage entk-large 590 "$PY" -m bench.bench_entk --device cuda --methods exact --prompts 2 ;;
     sft)     stage sft 400 "$PY" -m bench.bench_sft --device cuda ;;
     sweep)   stage sweep 600 circle --preset gpu --impls matmul triton torch pml --budget-s 0.3 \
                --max-minutes "$(awk -v s="$(left)" 'BEGIN { print (s - 45) / 60 }')" ;;
-    *)       echo "unknown stage $s (setup targets tests compile others entk sft sweep)"; exit 2 ;;
+    *)       echo "unknown stage $s (setup targets tests compile others entk entk-large sft sweep)"; exit 2 ;;
   esac
 done
 collect
