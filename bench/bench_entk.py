@@ -38,7 +38,7 @@ import torch
 
 from bench.common import RESULTS_DIR, ResultsFile, Row, format_table
 from dcr_fast.config import add_config_arguments, config_from_args
-from dcr_fast.ntk.matrix import entk_matrix
+from dcr_fast.ntk.matrix import EntkMatrixConfig, entk_matrix
 from dcr_fast.ntk.reference import fd_reference_block
 from dcr_fast.ntk.tail import tail_spec
 
@@ -159,7 +159,8 @@ def run(config: EntkBenchConfig) -> list[Row]:
         offload = device.type == "cuda"  # ~18 MB of probe features a prompt at 1.5B widths
         large_settings = {**settings, "progress": True, "offload_features": offload}
         seconds, _ = timed(lambda: entk_matrix(model, None, big, method="exact", **large_settings), device)
-        large_case = {**case, "N": config.large_prompts, "pairs": config.large_prompts**2, "offload": offload}
+        large_case = {**case, "N": config.large_prompts, "pairs": config.large_prompts**2, "offload": offload,
+                      "offload_group": EntkMatrixConfig.offload_group if offload else None}
         rows.append(results.add(row("exact", large_case, seconds, config.large_prompts**2, {})))
         print(format_table(rows[-1:], METRICS), flush=True)
     return rows

@@ -55,6 +55,44 @@ def test_chunking_and_offload_do_not_change_numbers(model, tokenizer, exact, chu
     np.testing.assert_allclose(other.normalized, exact.normalized, rtol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["exact", "fd"])
+@pytest.mark.parametrize("group,uploads", [(1, 34), (3, 18), (7, 14)])
+def test_offload_groups_upload_each_chunk_once_per_group(model, tokenizer, exact, monkeypatch, method, group, uploads):
+    """Seven row chunks of one prompt. Feature pass: 7 uploads for the diagonal blocks. Then,
+    with ``exact`` (symmetric), group size 1: row i uploads itself and the 6 - i chunks after it
+    (27); groups of 3: {0,1,2} uploads 0..6 (7), {3,4,5} uploads 3..6 (4), {6} nothing (its
+    blocks all came from earlier rows); one group: each chunk once (7). ``fd`` computes every
+    block, so each group uploads every chunk."""
+    original = matrix_module._FeatureEngine._chunk
+    calls: list[int] = []
+
+    def counting(self, i):
+        calls.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(matrix_module._FeatureEngine, "_chunk", counting)
+    result = entk_matrix(model, tokenizer, GROUPS, chunk_size=1, offload_features=True, offload_group=group,
+                         method=method, **SETTINGS)
+    if method == "exact":
+        assert len(calls) == uploads, calls
+        np.testing.assert_allclose(result.normalized, exact.normalized, rtol=1e-10)
+    else:
+        groups = -(-7 // group)
+        assert len(calls) == 7 + 7 * groups, calls
+        np.testing.assert_allclose(result.normalized, exact.normalized, rtol=5e-3)
+
+
+def test_resume_inside_an_offload_group(model, tokenizer, exact, tmp_path):
+    """A crash between the saves of one group's row chunks: the rerun computes what is missing."""
+    settings = dict(chunk_size=2, offload_features=True, offload_group=3, out_dir=tmp_path, **SETTINGS)
+    entk_matrix(model, tokenizer, GROUPS, **settings)
+    (tmp_path / "chunks" / "rows_00000002.npy").unlink()
+    (tmp_path / "matrix.npy").unlink()
+    resumed = entk_matrix(model, tokenizer, GROUPS, **settings)
+    np.testing.assert_allclose(resumed.normalized, exact.normalized, rtol=1e-10)
+    assert (tmp_path / "chunks" / "rows_00000002.npy").exists()
+
+
 def test_finite_difference_methods_agree_with_exact(model, tokenizer, exact):
     groups = {"a": GROUPS["toxic"][:1], "b": GROUPS["normal"][:1]}
     reference = entk_matrix(model, tokenizer, groups, method="fd-reference", **SETTINGS)
@@ -115,6 +153,7 @@ def test_resume_after_crash_skips_finished_chunks(model, tokenizer, exact, tmp_p
         ({}, {}, "groups must be a non-empty dict"),
         ({"a": []}, {}, "groups must be a non-empty dict"),
         ({"a": ["x y"]}, {"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"a": ["x y"]}, {"offload_group": 0}, "offload_group must be a positive int"),
         ({"a": [torch.zeros(2)]}, {}, "groups\\['a'\\]\\[0\\] must be a non-empty 1-D LongTensor"),
         ({"a": ["x"]}, {"method": "fast"}, "method must be one of"),
     ],

@@ -47,6 +47,10 @@ def register(subparsers) -> None:
         "--offload-features", action=argparse.BooleanOptionalAction, default=defaults.offload_features,
         help="keep per-prompt probe features in host memory (large runs on a GPU)",
     )
+    parser.add_argument(
+        "--offload-group", type=int, default=defaults.offload_group,
+        help="with --offload-features: row chunks contracted together, their features kept on the device",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn", default="auto", help="attention implementation (auto: SDPA)")

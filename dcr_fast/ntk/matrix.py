@@ -49,6 +49,7 @@ class EntkMatrixConfig:
     eps: float = 1e-3
     chunk_size: int = 64
     offload_features: bool = False
+    offload_group: int = 4
 
 
 @dataclass
@@ -79,6 +80,7 @@ def entk_matrix(
     eps: float = 1e-3,
     chunk_size: int = 64,
     offload_features: bool = False,
+    offload_group: int = 4,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EntkMatrix:
@@ -86,14 +88,18 @@ def entk_matrix(
 
     ``groups`` maps a group name to its prompts: strings (with ``tokenizer``, which applies
     the chat template) or 1-D LongTensors of token ids (``tokenizer=None``).
-    ``offload_features`` keeps the per-prompt probe features (tens of MB a prompt for a
-    1.5B model) in host memory and uploads a chunk when it is contracted, for runs whose
-    features do not fit on the accelerator.
+    ``offload_features`` keeps the per-prompt probe features (~18 MB a prompt for a 1.5B
+    model) in host memory, for runs whose features do not fit on the accelerator: row chunks
+    are then contracted ``offload_group`` at a time, their features held on the device
+    meanwhile, so every other chunk is uploaded once per group rather than once per row chunk.
     """
-    config = EntkMatrixConfig(k, tail_layers, include_lm_head, method, eps, chunk_size, offload_features)
+    config = EntkMatrixConfig(
+        k, tail_layers, include_lm_head, method, eps, chunk_size, offload_features, offload_group
+    )
     check_options(model, k=k, method=method, eps=eps)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("offload_group", offload_group)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(groups, dict) or not groups or any(not isinstance(v, list) or not v for v in groups.values()):
         raise ValueError("groups must be a non-empty dict of group name -> non-empty list of prompts")
     device = next(model.parameters()).device
@@ -175,13 +181,16 @@ class _FeatureEngine:
 
     ``pair_norms[r, c]`` = ‖K(x'_r, x_c)[So_r, Su_c]‖_F as far as known. The exact Gram is
     symmetric, ‖K(x', x)‖_F = ‖K(x, x')‖_F, so for ``exact`` a row chunk reuses the blocks
-    below the diagonal that earlier row chunks (computed or loaded) already gave.
+    below the diagonal that earlier row chunks (computed or loaded) already gave. Row chunks
+    are computed ``group`` at a time (``offload_group`` with offloaded features, else one).
     """
 
     def __init__(
         self, model: nn.Module, spec: TailSpec, prompts: list[torch.Tensor], config: EntkMatrixConfig, *, progress: bool
     ):
         self.chunk_size = config.chunk_size
+        self.group = config.offload_group if config.offload_features else 1
+        self.complete: set[int] = set()  # row chunks whose every block is in pair_norms
         self.device = next(model.parameters()).device
         self.chunks: list[_Chunk] = []
         starts = range(0, len(prompts), config.chunk_size)
@@ -206,23 +215,41 @@ class _FeatureEngine:
 
     def normalized_rows(self, rows: range) -> np.ndarray:
         i = rows.start // self.chunk_size
-        left = self._chunk(i)
-        for j in range(len(self.chunks)):
-            if j == i or (self.symmetric and j < i):
-                continue
-            self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(left, self._chunk(j))).double()
-            if self.symmetric:
-                self.pair_norms[self._rows(j), self._rows(i)] = self.pair_norms[self._rows(i), self._rows(j)].T
+        if i not in self.complete:
+            self._contract(range(i, min(i + self.group, len(self.chunks))))
         norms = self.pair_norms[self._rows(i)]
         return (norms / self.self_norms[self._rows(i), None]).cpu().numpy()
 
     def record(self, rows: range, normalized: np.ndarray) -> None:
         """Take a row chunk read back from disk, so later chunks can reuse its blocks."""
-        chunk = self._rows(rows.start // self.chunk_size)
-        block = torch.as_tensor(normalized, device=self.pair_norms.device) * self.self_norms[chunk, None]
-        self.pair_norms[chunk] = block
+        i = rows.start // self.chunk_size
+        block = torch.as_tensor(normalized, device=self.pair_norms.device) * self.self_norms[self._rows(i), None]
+        self.pair_norms[self._rows(i)] = block
         if self.symmetric:
-            self.pair_norms[:, chunk] = block.T
+            self.pair_norms[:, self._rows(i)] = block.T
+        self.complete.add(i)
+
+    def _contract(self, group: range) -> None:
+        """Every missing block of the row chunks in ``group``: each other chunk is brought to the
+        device once for the whole group, the group's own chunks stay there until it is done."""
+        rows = [i for i in group if i not in self.complete]
+        resident: dict[int, _Chunk] = {}
+
+        def on_device(i: int) -> _Chunk:
+            if i not in resident:
+                resident[i] = self._chunk(i)
+            return resident[i]
+
+        for j in range(len(self.chunks)):
+            lefts = [i for i in rows if j != i and not (self.symmetric and j < i)]
+            if not lefts:
+                continue
+            right = on_device(j) if j in rows else self._chunk(j)
+            for i in lefts:
+                self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(on_device(i), right)).double()
+                if self.symmetric:
+                    self.pair_norms[self._rows(j), self._rows(i)] = self.pair_norms[self._rows(i), self._rows(j)].T
+        self.complete.update(rows)
 
     def _chunk(self, i: int) -> _Chunk:
         """Chunk ``i`` with its features on the model's device (a no-op unless offloaded)."""
@@ -282,7 +309,7 @@ class _ChunkStore:
         for p in prompts:
             digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
         # Where the features live does not change a number: a run may resume with or without offload.
-        settings = {key: value for key, value in asdict(config).items() if key != "offload_features"}
+        settings = {key: value for key, value in asdict(config).items() if not key.startswith("offload_")}
         run = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest()}
         run_file = root / "run.json"
         if run_file.exists():
