@@ -223,10 +223,11 @@ class _FeatureEngine:
     def record(self, rows: range, normalized: np.ndarray) -> None:
         """Take a row chunk read back from disk, so later chunks can reuse its blocks."""
         i = rows.start // self.chunk_size
-        block = torch.as_tensor(normalized, device=self.pair_norms.device) * self.self_norms[self._rows(i), None]
-        self.pair_norms[self._rows(i)] = block
+        chunk = self._rows(i)
+        block = torch.as_tensor(normalized, device=self.pair_norms.device) * self.self_norms[chunk, None]
+        self.pair_norms[chunk] = block
         if self.symmetric:
-            self.pair_norms[:, self._rows(i)] = block.T
+            self.pair_norms[:, chunk] = block.T
         self.complete.add(i)
 
     def _contract(self, group: range) -> None:
