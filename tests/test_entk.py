@@ -89,13 +89,16 @@ def test_padded_batch_equals_one_by_one(attn):
     model = tiny("llama-bias-untied", attn=attn)
     spec = tail_spec(model, 2, True)
     batch = prompts(seed=5, lengths=(3, 11, 1, 6))
-    _, tokens, features = prompt_probes(model, spec, batch, k=4)
-    gram = probe_gram(features, features)
-    for p, x_prime in enumerate(batch):
-        for q, x in enumerate(batch):
-            K, K_self, so, su = exact_block(model, spec, x_prime, x, k=4)
-            assert torch.equal(so, tokens[p]) and torch.equal(su, tokens[q])
-            assert_blocks_close((gram[p, q], gram[p, p]), (K, K_self), 1e-12, where=(p, q))
+    # float64 end to end: transformers' eager softmax runs in float32, whose rounding depends on
+    # the padded row length (2e-8 apart at transformers 5.24), which is not what this test is about.
+    with float64_exact():
+        _, tokens, features = prompt_probes(model, spec, batch, k=4)
+        gram = probe_gram(features, features)
+        for p, x_prime in enumerate(batch):
+            for q, x in enumerate(batch):
+                K, K_self, so, su = exact_block(model, spec, x_prime, x, k=4)
+                assert torch.equal(so, tokens[p]) and torch.equal(su, tokens[q])
+                assert_blocks_close((gram[p, q], gram[p, p]), (K, K_self), 1e-12, where=(p, q))
 
 
 def test_dense_features_are_the_named_gradients():
@@ -132,7 +135,7 @@ def test_model_left_untouched(method, dtype):
 
 def test_string_prompts_use_the_chat_template():
     from dcr_fast.tiny import tiny_model, tiny_tokenizer
-    from dcr_fast.train.common import encode_prompt
+    from dcr_fast.chat import encode_prompt
 
     texts = ["how do I kill a python process", "where can I buy a knife", "tell me a story"]
     tokenizer = tiny_tokenizer(texts)
