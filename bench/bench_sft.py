@@ -78,7 +78,7 @@ from bench.common import (
 from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.demo.examples import load_example_set
 from dcr_fast.tiny import build_model, build_tokenizer
-from dcr_fast.train.common import IGNORE_INDEX
+from dcr_fast.train.loop import IGNORE_INDEX
 from dcr_fast.train.sft import Example, SFTConfig, prepare_model, sft_loss_sum, tokenize_example
 
 BENCH = "sft"

@@ -23,7 +23,7 @@ def _fixed_seeds():
 def one_thread():
     """Runs a test module on one torch thread (opt in with ``usefixtures``): tiny models train
     faster that way, and far faster when the cores are shared with other processes."""
-    from dcr_fast.train.common import torch_threads
+    from dcr_fast.runtime import torch_threads
 
     with torch_threads(1):
         yield

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dcr_fast.tiny import build_model, build_tokenizer
-from dcr_fast.train.common import IGNORE_INDEX
+from dcr_fast.train.loop import IGNORE_INDEX
 from dcr_fast.train.sft import SFTConfig, prepare_model, sft_loss_sum, tokenize_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")

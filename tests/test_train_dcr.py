@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer
+from dcr_fast.chat import encode_prompt
+from dcr_fast import models
 from dcr_fast.train.dcr import (
     DCRConfig,
     freeze_above,
@@ -50,7 +51,7 @@ def config(base: str, out, files: tuple[str, str], **overrides) -> DCRConfig:
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_embeddings_are_layer_outputs_at_each_prompts_last_position(tiny_model, layer):
-    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="eager", device=torch.device("cpu"))
+    model, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation="eager", device=torch.device("cpu"))
     prompts = [encode_prompt(tokenizer, p) for p in SEEMINGLY[:2] + TOXIC[:3]]
     with torch.no_grad():
         packed, nll = prompt_embeddings(model, prompts, layer, device=torch.device("cpu"))
@@ -92,7 +93,7 @@ def test_parameters_above_the_layer_stay_bit_identical(tiny_model, prompt_files,
 
 
 def test_untied_embeddings_train_unless_frozen(tiny_model):
-    model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
+    model, _ = models.load(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
     frozen = freeze_above(model, 1, freeze_embeddings=False)
     assert model.get_input_embeddings().weight.requires_grad and "lm_head.weight" in frozen

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import (
-    IGNORE_INDEX,
-    encode_example,
-    encode_prompt,
-    get_lr,
-    load_model_and_tokenizer,
-)
+from dcr_fast.chat import encode_example, encode_prompt
+from dcr_fast import models
+from dcr_fast.train.loop import IGNORE_INDEX, get_lr
 from dcr_fast.train.sft import (
     SFTConfig,
     plan_steps,
@@ -65,7 +61,7 @@ def config(base: str, out, data_file: str, **overrides) -> SFTConfig:
 
 
 def test_response_mask_covers_exactly_the_response(tiny_model):
-    _, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
+    _, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
     prompt, response = PAIRS[0]
     ids, mask = encode_example(tokenizer, prompt, response)
     prompt_ids = encode_prompt(tokenizer, prompt)
@@ -81,7 +77,7 @@ def test_response_mask_covers_exactly_the_response(tiny_model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_and_grads_equal_padded(tiny_model, dtype, attn):
-    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation=attn, device=torch.device("cpu"))
+    model, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation=attn, device=torch.device("cpu"))
     _check_packed_equals_padded(model.to(dtype), tokenizer, TOL[dtype])
 
 
@@ -91,7 +87,7 @@ def test_packed_equals_padded_on_gpu(tiny_model, attn):
     flash = importlib.util.find_spec("flash_attn") is not None
     if attn == "flash_attention_2" and not flash:
         pytest.skip("flash-attn is not installed")
-    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="bfloat16", attn_implementation=attn, device=torch.device("cuda"))
+    model, tokenizer = models.load(tiny_model, dtype="bfloat16", attn_implementation=attn, device=torch.device("cuda"))
     if attn == "auto":
         assert model.config._attn_implementation == ("flash_attention_2" if flash else "sdpa")
     _check_packed_equals_padded(model, tokenizer, TOL[torch.bfloat16])
@@ -100,7 +96,7 @@ def test_packed_equals_padded_on_gpu(tiny_model, attn):
 def test_auto_attention_is_sdpa_on_the_cpu_even_with_flash_attn(tiny_model, monkeypatch, recwarn):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
-    model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cpu"))
+    model, _ = models.load(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cpu"))
     assert model.config._attn_implementation == "sdpa"
     # chosen directly, not by falling back from a failed flash-attn load
     assert not [w for w in recwarn if "attn_implementation=auto" in str(w.message)]
@@ -111,7 +107,7 @@ def test_auto_attention_falls_back_to_sdpa_with_a_warning(tiny_model, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # a "cuda" device that stays on the CPU
     with pytest.warns(UserWarning, match="flash_attention_2 unavailable"):
-        model, _ = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cuda"))
+        model, _ = models.load(tiny_model, dtype="float32", attn_implementation="auto", device=torch.device("cuda"))
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -134,7 +130,7 @@ def _check_packed_equals_padded(model, tokenizer, tol: float) -> None:
 
 def test_packed_rows_do_not_see_each_other(tiny_model):
     """The loss of an example is unchanged by what is packed before it."""
-    model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
+    model, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
     batch = [tokenize_example(tokenizer, p, r, SFTConfig()) for p, r in PAIRS[:3]]
     cpu = torch.device("cpu")
     with torch.no_grad():
@@ -263,7 +259,7 @@ def test_cli_flags_reach_the_config(tiny_model, data_file, tmp_path):
 def test_gradient_checkpointing_gives_the_same_step(tiny_model):
     grads = []
     for checkpointing in (False, True):
-        model, tokenizer = load_model_and_tokenizer(tiny_model, dtype="float32", attn_implementation="sdpa",
+        model, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation="sdpa",
                                                     device=torch.device("cpu"))
         torch.manual_seed(0)
         model = prepare_model(model, SFTConfig(lora_dropout=0.0, gradient_checkpointing=checkpointing)).train()

@@ -53,7 +53,8 @@ from dcr_fast.config import (
 )
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
 from dcr_fast.tiny import save_tiny_model
-from dcr_fast.train.common import load_model_and_tokenizer, torch_threads
+from dcr_fast import models
+from dcr_fast.runtime import torch_threads
 from dcr_fast.train.dcr import DCRConfig, run_dcr
 from dcr_fast.train.sft import SFTConfig, run_sft
 
@@ -125,8 +126,8 @@ def run_seed(config: DemoConfig, stage_configs: dict[str, dict[str, Any]], data:
     examples = load_example_set()
     folder = Path(config.out) / f"seed{seed}"
     with torch_threads(config.threads):
-        models = train_seed(config, stage_configs, data, folder, seed, examples)
-        evaluations = {name: evaluate_cached(models[name], examples, config, folder / f"eval-{name}.json") for name in EVALUATED}
+        model_dirs = train_seed(config, stage_configs, data, folder, seed, examples)
+        evaluations = {name: evaluate_cached(model_dirs[name], examples, config, folder / f"eval-{name}.json") for name in EVALUATED}
     evaluations["dcr"]["circle"] = circle_convergence(folder / "dcr" / "log.jsonl")
     return evaluations
 
@@ -192,16 +193,16 @@ def train_seed(config: DemoConfig, stages: dict[str, dict[str, Any]], data: dict
     common = {"seed": seed, "device": config.device, "resume": True}
     pretrained = _sft(stages["pretrain"], common, base, folder / "pretrain", data=[data["pretrain"]])
     stl = {"data": [data["sft-general"]], "safety_data": [data["sft-safety"]]}
-    models = {"base": pretrained, "stl": _sft(stages["sft"], common, pretrained, folder / "stl", **stl),
+    model_dirs = {"base": pretrained, "stl": _sft(stages["sft"], common, pretrained, folder / "stl", **stl),
               "stl-aug": _sft(stages["sft"], common, pretrained, folder / "stl-aug", aug_data=[data["sft-aug"]], **stl)}
     dcr_out = folder / "dcr"
     if not _finished(dcr_out):
         run_dcr(config_from_dict(DCRConfig, {**stages["dcr"], **common, "model": pretrained, "out": str(dcr_out),
                                              "layer": config.dcr_layer, "seemingly_toxic": [data["dcr-seemingly-toxic"]],
                                              "toxic": [data["dcr-toxic"]]}))
-    models["dcr"] = str(dcr_out / "model")
-    models["dcr+stl"] = _sft(stages["sft"], common, models["dcr"], folder / "dcr+stl", **stl)
-    return models
+    model_dirs["dcr"] = str(dcr_out / "model")
+    model_dirs["dcr+stl"] = _sft(stages["sft"], common, model_dirs["dcr"], folder / "dcr+stl", **stl)
+    return model_dirs
 
 
 def _sft(fields: dict[str, Any], common: dict[str, Any], model: str | Path, out: Path, **data: list[str]) -> str:
@@ -232,7 +233,7 @@ def evaluate_toy(model_dir: str, examples: ExampleSet, config: DemoConfig) -> di
     """Compliance / defense success / refusal probability on every held-out benchmark."""
     from dcr_fast.evaluation import GenerationConfig, generate, is_refusal, refusal_probability
 
-    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", attn_implementation="sdpa",
+    model, tokenizer = models.load(model_dir, dtype="float32", attn_implementation="sdpa",
                                                 device=torch.device(config.device))
     model.eval()
     openings = sorted({r.split()[0] for r in examples.refusals})
@@ -294,7 +295,7 @@ def entk_before_after(before: Path, after: Path, examples: ExampleSet, config: D
     result = {"tail_layers": config.layers - config.dcr_layer, "include_lm_head": True, "k": config.entk_k,
               "prompts_per_group": config.entk_prompts, "groups": list(KINDS), "method": "exact"}
     for label, model_dir in (("before", before), ("after", after)):
-        model, tokenizer = load_model_and_tokenizer(str(model_dir), dtype="float32", attn_implementation="eager",
+        model, tokenizer = models.load(str(model_dir), dtype="float32", attn_implementation="eager",
                                                     device=torch.device(config.device))
         matrix = entk_matrix(model, tokenizer, groups, k=config.entk_k, tail_layers=result["tail_layers"], progress=False)
         result[label] = matrix.means_dict()

@@ -25,22 +25,21 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 def register(subparsers) -> None:
     parser = subparsers.add_parser(NAME, help="evaluate over-refusal and safety; write report.json/.md",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory or hub id (from_pretrained)")
+    parser.add_argument("--model", required=True,
+                        help="a built-in name (smollm2-135m-instruct), a .gguf file, a model directory or a hub id")
     parser.add_argument("--benchmark", action="append", required=True, metavar="NAME[=PATH]",
                         help="a benchmark registry name, optionally =PATH; repeat for several")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--guard", default=None, help="guard model path for defense success (default: refusal filter)")
     parser.add_argument("--run-name", default=None, help="row name in the report (default: the model path's name)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if present)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: as saved)")
     add_config_arguments(parser, EvalConfig)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from dcr_fast import models
     from dcr_fast.data import load_benchmark
     from dcr_fast.evaluation.harness import evaluate
     from dcr_fast.evaluation.refusal import GuardJudge, RefusalFilter
@@ -53,19 +52,11 @@ def run(args: argparse.Namespace) -> int:
         if name in benchmarks:
             raise ValueError(f"--benchmark {name!r} given twice")
         benchmarks[name] = load_benchmark(name, path or None)
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    judge = GuardJudge.from_pretrained(args.guard, device=args.device) if args.guard else RefusalFilter()
+    model, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
+    judge = GuardJudge.from_pretrained(args.guard, device=model.device) if args.guard else RefusalFilter()
     result = evaluate(model, tokenizer, benchmarks, config, judge=judge, out_dir=args.out)
     name = args.run_name or Path(args.model).name
     write_report(args.out, {name: result}, settings={"model": args.model, "guard": args.guard,
                                                      "benchmarks": args.benchmark, **result["settings"]})
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

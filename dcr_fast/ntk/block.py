@@ -90,7 +90,7 @@ def encode(prompt: torch.Tensor | str, tokenizer, name: str) -> torch.Tensor:
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"{name} is a string: pass tokenizer= (with a chat template), or token ids")
-        from dcr_fast.train.common import check_chat_template, encode_prompt
+        from dcr_fast.chat import check_chat_template, encode_prompt
 
         check_chat_template(tokenizer, type(tokenizer).__name__)
         return torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)

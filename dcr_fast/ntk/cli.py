@@ -103,11 +103,8 @@ def read_prompts(path: Path, group: str) -> list[str]:
 
 
 def load(args: argparse.Namespace, prompts: list[str]):
-    from dcr_fast.train.common import (
-        load_model_and_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
+    from dcr_fast import models
+    from dcr_fast.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     if args.model == TINY_MODEL:
@@ -119,7 +116,7 @@ def load(args: argparse.Namespace, prompts: list[str]):
             tokenizer, hidden_size=64, layers=4, dtype=resolve_dtype(args.dtype), attn_implementation=attn
         )
         return model.to(device), tokenizer
-    model, tokenizer = load_model_and_tokenizer(
+    model, tokenizer = models.load(
         args.model, dtype=args.dtype, attn_implementation=args.attn, device=device
     )
     return model.eval(), tokenizer

@@ -29,21 +29,14 @@ from typing import Any
 import torch
 
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
-from dcr_fast.train.common import (
-    IGNORE_INDEX,
-    StepResult,
-    TrainConfig,
-    check_model_and_out,
-    check_source,
-    encode_prompt,
-    finish_run,
-    load_model_and_tokenizer,
-    load_prompts,
-    register_stage,
-    resolve_device,
-    run_steps,
-    set_seed,
-)
+from dcr_fast.chat import encode_prompt
+from dcr_fast.data.files import check_source, load_prompts
+from dcr_fast import models
+from dcr_fast.runtime import resolve_device, set_seed
+from dcr_fast.train.cli import check_model_and_out, register_stage
+from dcr_fast.train.config import TrainConfig
+from dcr_fast.train.loop import IGNORE_INDEX, StepResult, run_steps
+from dcr_fast.train.outputs import finish_run
 
 
 @dataclasses.dataclass
@@ -87,7 +80,7 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
         raise ValueError(f"seemingly_toxic/toxic: {len(both)} prompt(s) are in both subsets, e.g. {sorted(both)[0]!r}")
     set_seed(config.seed)
     device = resolve_device(config.device)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
+    model, tokenizer = models.load(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
     frozen = freeze_above(model, config.layer, freeze_embeddings=config.freeze_embeddings)
     snapshot = {name: p.detach().clone() for name, p in frozen.items()}
     if config.lora:

@@ -26,21 +26,14 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dcr_fast.train.common import (
-    IGNORE_INDEX,
-    StepResult,
-    TrainConfig,
-    check_model_and_out,
-    check_source,
-    encode_example,
-    finish_run,
-    load_model_and_tokenizer,
-    load_pairs,
-    register_stage,
-    resolve_device,
-    run_steps,
-    set_seed,
-)
+from dcr_fast.chat import encode_example
+from dcr_fast.data.files import check_source, load_pairs
+from dcr_fast import models
+from dcr_fast.runtime import resolve_device, set_seed
+from dcr_fast.train.cli import check_model_and_out, register_stage
+from dcr_fast.train.config import TrainConfig
+from dcr_fast.train.loop import IGNORE_INDEX, StepResult, run_steps
+from dcr_fast.train.outputs import finish_run
 
 
 @dataclasses.dataclass
@@ -85,7 +78,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     pairs = [pair for name in _DATA_FIELDS for source in getattr(config, name) for pair in load_pairs(source, name)]
     set_seed(config.seed)
     device = resolve_device(config.device)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
+    model, tokenizer = models.load(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
     examples = [tokenize_example(tokenizer, prompt, response, config) for prompt, response in pairs]
     model = prepare_model(model, config)
     plan = plan_steps(len(examples), config)
