@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import itertools
 import os
 import sys
@@ -238,12 +237,12 @@ def loss_function(impl: str, config: CircleBenchConfig, device: torch.device) ->
             return torch.compile(fn)
         return fn
     if impl == "chunked-torch":
-        module = importlib.import_module("dcr_fast.circle_loss")  # the package's circle_loss is the function
+        from dcr_fast.circle_loss import chunked, circle_loss
 
         def chunked_torch(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             # the backward follows the forward's choice (kept on the autograd node)
-            with unittest.mock.patch.object(module, "_fused_rows_available", lambda _: False):
-                return module.circle_loss(embeddings, labels, backend="chunked", **kwargs)
+            with unittest.mock.patch.object(chunked, "fused_rows_available", lambda _: False):
+                return circle_loss(embeddings, labels, backend="chunked", **kwargs)
         return chunked_torch
     if impl == "pml":
         if config.variant != "original":

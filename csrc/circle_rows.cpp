@@ -1,6 +1,6 @@
 // circle_rows: the per-row epilogues of the chunked CPU Circle loss, fused.
 //
-// The chunked path (dcr_fast/circle_loss.py) computes a row chunk of similarities
+// The chunked path (dcr_fast/circle_loss/chunked.py) computes a row chunk of similarities
 // S = X̂[rows] R̂ᵀ with a GEMM; everything after it is elementwise over the chunk. In PyTorch
 // that is ~15 passes over chunk × M memory (logits, masks, exp, softmax weights, dS); here
 // each is one pass per row over S, which stays in cache:
@@ -12,7 +12,7 @@
 //
 // P(i): same label (minus the diagonal j = row0 + i with exclude_diag), N(i): other label.
 // α is a constant (detached), as in the reference. Reference: the PyTorch branch of
-// _ChunkedCircleLSE; the tests hold the two together in float32 and float64.
+// _ChunkedCircleLSE (dcr_fast/circle_loss/chunked.py); the tests hold the two together in float32 and float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -19,7 +19,7 @@ TORCH_LIBRARY(dcr_fast, m) {
       "Tensor scale) -> Tensor");
   // The fused per-row epilogues of the chunked CPU Circle loss over a chunk S of similarity
   // rows [row0, row0 + S.size(0)): the two log-sum-exps, and dS written over S in place.
-  // See csrc/circle_rows.cpp; the reference is the PyTorch branch of dcr_fast/circle_loss.py.
+  // See csrc/circle_rows.cpp; the reference is the PyTorch branch of dcr_fast/circle_loss/chunked.py.
   m.def(
       "circle_rows_lse(Tensor s, Tensor labels, Tensor ref_labels, int row0, bool exclude_diag, float o_p, "
       "float o_n, float delta_p, float delta_n, float gamma) -> (Tensor, Tensor)");

@@ -36,6 +36,7 @@ and kept in registers for the sweep over the other side instead of being re-read
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -323,9 +324,11 @@ def _dtype_params(x: torch.Tensor) -> dict:
 
 
 def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
-                       ref_labels: torch.Tensor, exclude_diag: bool, o_p: float, o_n: float,
-                       delta_p: float, delta_n: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row log-sum-exps (lse_p, lse_n) of the Circle logits; -inf for an empty set."""
+                       ref_labels: torch.Tensor, exclude_diag: bool,
+                       margins: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps (lse_p, lse_n) of the Circle logits; -inf for an empty set.
+
+    ``margins``: ``[o_p, o_n, delta_p, delta_n, gamma]`` (``CircleMargins.scalars()``)."""
     B, D = x_hat.shape
     M = r_hat.shape[0]
     acc_dtype = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
@@ -333,14 +336,14 @@ def circle_lse_forward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.T
     lse_n = torch.empty_like(lse_p)
     _circle_fwd[lambda meta: (triton.cdiv(B, meta["BM"]),)](
         x_hat, r_hat, labels, ref_labels, lse_p, lse_n, B, M, D, x_hat.stride(0), r_hat.stride(0),
-        _size_class(B, M), o_p, o_n, delta_p, delta_n, gamma, EXCLUDE_DIAG=exclude_diag, **_dtype_params(x_hat))
+        _size_class(B, M), *margins, EXCLUDE_DIAG=exclude_diag, **_dtype_params(x_hat))
     return lse_p, lse_n
 
 
 def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.Tensor,
-                        ref_labels: torch.Tensor, exclude_diag: bool, o_p: float, o_n: float,
-                        delta_p: float, delta_n: float, gamma: float, lse_p: torch.Tensor,
-                        lse_n: torch.Tensor, g_p: torch.Tensor, g_n: torch.Tensor, *, same_ref: bool = False,
+                        ref_labels: torch.Tensor, exclude_diag: bool, margins: Sequence[float],
+                        lse_p: torch.Tensor, lse_n: torch.Tensor, g_p: torch.Tensor, g_n: torch.Tensor, *,
+                        same_ref: bool = False,
                         fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dX̂, dR̂) in the inputs' dtype, given upstream gradients of lse_p and lse_n.
 
@@ -361,7 +364,7 @@ def circle_lse_backward(x_hat: torch.Tensor, r_hat: torch.Tensor, labels: torch.
     g_p = g_p.to(acc_dtype).contiguous()
     g_n = g_n.to(acc_dtype).contiguous()
     p = _dtype_params(x_hat)
-    scalars = (_size_class(B, M), o_p, o_n, delta_p, delta_n, gamma)
+    scalars = (_size_class(B, M), *margins)
     if fused is None:
         fused = D <= FUSED_BWD_MAX_D
     if fused:  # d ≤ 256: the fp32 outputs are small next to the inputs' B×d

@@ -1,6 +1,5 @@
 """Circle loss: PML parity, an independent per-row oracle, backend agreement, memory, errors."""
 
-import importlib
 import math
 
 import pytest
@@ -12,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import assert_close
 from dcr_fast import CircleLoss, circle_loss
 from dcr_fast._extension import HAS_EXTENSION
+from dcr_fast.circle_loss import CircleMargins, backends, chunked, circle_lse_chunked, circle_lse_reference, ops
+from dcr_fast.circle_loss.reference import dense_label_masks
 from dcr_fast.kernels import circle_loss as kernels
 
 # Tolerances, once per dtype: fp64 is round-off; fp32 carries γ·ε amplification in the
@@ -219,13 +220,11 @@ FUSED_ROWS = [False] + ([True] if HAS_EXTENSION else [])  # the C++ row kernels 
 @pytest.mark.parametrize("self_ref,classes", [(True, 5), (False, 5), (True, 1), (False, 40)])
 def test_chunked_matches_reference_across_chunk_boundaries(fused, dtype, self_ref, classes):
     """Chunk edges, the diagonal, rows with an empty set (one class; singletons) and grads."""
-    from dcr_fast.circle_loss import _dense_label_masks, _margins, circle_lse_chunked, circle_lse_reference
-
     x, y, ref = _batch(45, 9, classes, 38, torch.float64)
     r, ry = (x, y) if self_ref else ref
-    mg = _margins(0.4, 80.0, "original")
+    mg = CircleMargins(0.4, 80.0, "original")
     gp, gn = torch.randn(45, dtype=torch.float64), torch.randn(45, dtype=torch.float64)
-    masks = _dense_label_masks(y, ry, self_ref)
+    masks = dense_label_masks(y, ry, self_ref)
     for chunk in (1, 7, 45, 100):
         xh = torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_()
         rh = xh if self_ref else torch.nn.functional.normalize(r, dim=1).to(dtype).requires_grad_()
@@ -364,10 +363,10 @@ def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
     x = torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
     r = x if same_ref else torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
     y = torch.randint(0, 5, (B,))
-    scalars = (same_ref, 1.4, -0.4, 0.6, 0.4, 80.0)
-    lse_p, lse_n = kernels.circle_lse_forward(x, r, y, y, *scalars)
+    flags = (same_ref, [1.4, -0.4, 0.6, 0.4, 80.0])
+    lse_p, lse_n = kernels.circle_lse_forward(x, r, y, y, *flags)
     with _Allocations() as allocations:
-        dx, dr = kernels.circle_lse_backward(x, r, y, y, *scalars, lse_p, lse_n, torch.ones(B), torch.ones(B),
+        dx, dr = kernels.circle_lse_backward(x, r, y, y, *flags, lse_p, lse_n, torch.ones(B), torch.ones(B),
                                              same_ref=same_ref, fused=fused)
     assert dx.dtype == torch.bfloat16 and (dr is None) == same_ref
     fp32_gradients = [n for n in allocations.nbytes if n >= B * d * 4]
@@ -378,12 +377,11 @@ def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
 @pytest.mark.parametrize("fused_rows", [True, False])
 def test_auto_backend_on_the_cpu(fused_rows, monkeypatch):
     """Chunked for small d whenever the fused row kernels exist, else only above the size threshold."""
-    cl = importlib.import_module("dcr_fast.circle_loss")  # the package re-exports a function of that name
     calls = []
-    real = cl.circle_lse_chunked
-    monkeypatch.setattr(cl, "circle_lse_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(cl, "_fused_rows_available", lambda _: fused_rows)
-    monkeypatch.setattr(cl, "AUTO_CHUNK_THRESHOLD", 100)
+    real = chunked.circle_lse_chunked
+    monkeypatch.setattr(chunked, "circle_lse_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(chunked, "fused_rows_available", lambda _: fused_rows)
+    monkeypatch.setattr(backends, "AUTO_CHUNK_THRESHOLD", 100)
     small, y_small, _ = _batch(8, 4, 3, None, torch.float32)
     circle_loss(small, y_small)
     assert bool(calls) == fused_rows
@@ -398,14 +396,12 @@ def test_auto_backend_on_the_cpu(fused_rows, monkeypatch):
 
 @pytest.mark.parametrize("same_ref", [False, True])
 def test_circle_lse_op_passes_opcheck(same_ref):
-    from dcr_fast.circle_loss import _circle_lse_op
-
     x = torch.nn.functional.normalize(torch.randn(21, 6), dim=1).requires_grad_()
     y = torch.randint(0, 3, (21,))
     r, ry = (x, y) if same_ref else (torch.nn.functional.normalize(torch.randn(18, 6), dim=1).requires_grad_(),
                                      torch.randint(0, 3, (18,)))
-    args = (x, r, y, ry, same_ref, same_ref, 1.4, -0.4, 0.6, 0.4, 80.0)
-    torch.library.opcheck(_circle_lse_op, args)
+    args = (x, r, y, ry, same_ref, same_ref, [1.4, -0.4, 0.6, 0.4, 80.0])
+    torch.library.opcheck(ops.circle_lse, args)
 
 
 def test_works_under_torch_compile():

@@ -1,0 +1,85 @@
+"""The public face: :class:`CircleLoss` and :func:`circle_loss`, and the O(B) epilogue every backend shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dcr_fast.circle_loss import backends
+from dcr_fast.circle_loss.backends import Backend
+from dcr_fast.circle_loss.checks import check_inputs
+from dcr_fast.circle_loss.pairs import label_counts, pair_structure
+from dcr_fast.circle_loss.schema import CircleMargins, Variant
+
+
+class CircleLoss(nn.Module):
+    """Circle loss (Sun et al., 2020) with pytorch-metric-learning's call signature.
+
+    Args:
+        m: relaxation margin in [0, 1]; Δp = 1 - m, Δn = m.
+        gamma: scale γ, positive and finite.
+        variant: ``"original"`` (PML / Sun et al.) or ``"dcr"`` (DCR paper A.8 weights;
+            the paper trains with m=0.25, gamma=16).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` (reference) or ``"chunked"``.
+
+    Example::
+
+        >>> loss_fn = CircleLoss(m=0.25, gamma=16.0, variant="dcr")
+        >>> emb = torch.randn(32, 64, requires_grad=True)
+        >>> loss = loss_fn(emb, torch.randint(0, 2, (32,)))
+        >>> loss.backward()
+    """
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, variant: Variant = "original",
+                 backend: Backend = "auto") -> None:
+        super().__init__()
+        margins = CircleMargins(m, gamma, variant)  # validates
+        backends.check_backend(backend)
+        self.m, self.gamma, self.variant, self.backend = margins.m, margins.gamma, variant, backend
+
+    def forward(self, embeddings: Tensor, labels: Tensor | None = None,
+                indices_tuple: Sequence[Tensor] | None = None, ref_emb: Tensor | None = None,
+                ref_labels: Tensor | None = None) -> Tensor:
+        return circle_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, m=self.m,
+                           gamma=self.gamma, variant=self.variant, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}, gamma={self.gamma}, variant={self.variant!r}, backend={self.backend!r}"
+
+
+def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
+                indices_tuple: Sequence[Tensor] | None = None, ref_emb: Tensor | None = None,
+                ref_labels: Tensor | None = None, *, m: float = 0.4, gamma: float = 80.0,
+                variant: Variant = "original", backend: Backend = "auto") -> Tensor:
+    """Functional form of :class:`CircleLoss`; see ``dcr_fast.circle_loss``'s docstring for semantics."""
+    margins = CircleMargins(m, gamma, variant)
+    backends.check_backend(backend)
+    labels, ref_labels, pairs = check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    zero = embeddings.sum() * 0  # a zero with a (zero) gradient, as PML returns; no B×d temporary
+    n_ref = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
+    impl = backends.choose(backend, embeddings, n_ref)
+
+    if pairs is not None:
+        if all(len(t) <= 1 for t in pairs):  # PML returns zero for ≤ 1 pair of each kind
+            return zero
+        pos_count, neg_count, structure = pair_structure(pairs, embeddings.shape[0], n_ref)
+        lse_p, lse_n = impl.pairs(embeddings, ref_emb, structure, margins)
+    else:
+        exclude_diag = ref_emb is None or ref_labels is labels
+        pos_count, neg_count = label_counts(labels, ref_labels, exclude_diag)
+        if int(pos_count.sum()) <= 1 and int(neg_count.sum()) <= 1:
+            return zero
+        lse_p, lse_n = impl.labels(embeddings, ref_emb, labels, ref_labels, exclude_diag, margins)
+    return pml_reduction(lse_p, lse_n, pos_count > 0, neg_count > 0, zero).to(embeddings.dtype)
+
+
+def pml_reduction(lse_p: Tensor, lse_n: Tensor, has_p: Tensor, has_n: Tensor, zero: Tensor) -> Tensor:
+    """softplus(lse_p + lse_n) per row with both sets non-empty, then the mean over rows whose loss is > 0."""
+    lse_p = torch.where(has_p, lse_p, torch.zeros_like(lse_p))
+    lse_n = torch.where(has_n, lse_n, torch.zeros_like(lse_n))
+    rows = F.softplus(lse_p + lse_n) * (has_p & has_n)
+    counted = (rows > 0).sum()
+    return torch.where(counted > 0, rows.sum() / counted.clamp(min=1), zero.to(rows.dtype))
