@@ -433,6 +433,11 @@ def test_works_under_torch_compile():
          "both positive and negative"),
         (dict(m=1.5), "m must be a number in"),
         (dict(gamma=0.0), "gamma must be a positive"),
+        (dict(gamma=float("inf")), "gamma must be a positive finite number"),
+        (dict(gamma=float("nan")), "gamma must be a positive finite number"),
+        (dict(gamma=True), "gamma must be a positive finite number"),
+        (dict(m=True), "m must be a number in"),
+        (dict(m=float("nan")), "m must be a number in"),
         (dict(variant="sphere"), "variant must be one of"),
         (dict(backend="cuda"), "backend must be one of"),
     ],
@@ -442,6 +447,14 @@ def test_bad_input_raises_value_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         circle_loss(**args)
+
+
+@pytest.mark.parametrize("kwargs", [dict(gamma=float("inf")), dict(m=True), dict(gamma=-1.0), dict(variant="x"),
+                                    dict(backend="cuda")])
+def test_module_rejects_bad_arguments_when_built(kwargs):
+    """Caught at construction, before a training loop runs (gamma=inf gave NaN, m=True 0)."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        CircleLoss(**kwargs)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):

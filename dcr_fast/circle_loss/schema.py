@@ -7,6 +7,7 @@ down to the kernels, where op schemas take them as one ``float[]`` argument.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,10 +30,10 @@ class CircleMargins:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not isinstance(self.m, (int, float)) or not 0.0 <= self.m <= 1.0:
+        if not _is_real(self.m) or not 0.0 <= self.m <= 1.0:
             raise ValueError(f"m must be a number in [0, 1], got {self.m!r}")
-        if not isinstance(self.gamma, (int, float)) or not self.gamma > 0:
-            raise ValueError(f"gamma must be a positive number, got {self.gamma!r}")
+        if not _is_real(self.gamma) or not 0.0 < self.gamma < math.inf:
+            raise ValueError(f"gamma must be a positive finite number, got {self.gamma!r}")
         object.__setattr__(self, "m", float(self.m))
         object.__setattr__(self, "gamma", float(self.gamma))
 
@@ -56,3 +57,7 @@ class CircleMargins:
         """``[o_p, o_n, delta_p, delta_n, gamma]``: the order every op and kernel takes them in."""
         return [self.o_p, self.o_n, self.delta_p, self.delta_n, self.gamma]
 
+
+def _is_real(v) -> bool:
+    """An int or float (not a bool, which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
