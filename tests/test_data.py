@@ -169,7 +169,7 @@ def test_hub_errors(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(RuntimeError, match="offline.*no network"):
+    with pytest.raises(ValueError, match="offline.*no network"):
         load_benchmark("xstest")
     with pytest.raises(ValueError, match="no known hub copy"):
         load_benchmark("oktest")

@@ -12,14 +12,12 @@ column or an empty set raises an error naming the benchmark, the file and what w
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcr_fast.data.files import read_csv, read_json, read_json_list, read_jsonl
 from dcr_fast.data.records import NORMAL, SEEMINGLY_TOXIC, TOXIC, Example, Prompt
 
 Row = Mapping[str, Any]
@@ -40,14 +38,14 @@ class HubSource:
 class BenchmarkSpec:
     """How to read one benchmark.
 
-    `read` yields the rows of a local file; `parse` turns rows into records and raises
+    `read(path, what)` returns the rows of a local file (errors name `what`); `parse` turns rows into records and raises
     ValueError for a missing column. `filename` is the file looked for when the user gives a
     directory; `hub` is None where no hub copy is known.
     """
 
     name: str
     description: str
-    read: Callable[[Path], list[Row]]
+    read: Callable[[Path, str], list[Row]]
     parse: Callable[[Iterable[Row], str], list[Record]]
     filename: str | None = None
     hub: HubSource | None = None
@@ -67,7 +65,7 @@ def load_benchmark(name: str, path: str | Path | None = None) -> list[Record]:
         rows, origin = _hub_rows(spec), f"hub dataset {spec.hub.repo_id if spec.hub else '?'}"
     else:
         file = _resolve_file(spec, Path(path))
-        rows, origin = spec.read(file), str(file)
+        rows, origin = spec.read(file, f"benchmark {name!r}"), str(file)
     try:
         records = spec.parse(rows, name)
     except ValueError as err:
@@ -89,57 +87,17 @@ def unique(records: Sequence[Record]) -> list[Record]:
     return kept
 
 
-# --- file readers ---------------------------------------------------------------------------
+# --- file readers (the format readers themselves live in dcr_fast.data.files) ----------------
 
 
-def read_csv(path: Path) -> list[Row]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def read_json(path: Path) -> Any:
-    with _open_text(path) as handle:
-        return json.load(handle)
-
-
-def read_jsonl(path: Path) -> list[Row]:
-    """JSON lines, gzipped or not; a file holding one JSON list is accepted too (HH-RLHF's
-    original red-team file is such a list despite its .jsonl name)."""
-    with _open_text(path) as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
-    return rows
-
-
-def read_instruction_lists(path: Path) -> list[Row]:
+def read_instruction_lists(path: Path, what: str) -> list[Row]:
     """Safety-Tuned LLaMAs evaluation files: {"instructions": [...], "tags": [...]?}."""
-    data = read_json(path)
+    data = read_json(path, what)
     if not isinstance(data, dict) or "instructions" not in data:
-        raise ValueError(f"{path}: expected a JSON object with an 'instructions' list")
+        raise ValueError(f"{what}: {str(path)!r}: expected a JSON object with an 'instructions' list")
     if data.get("tags"):
         return [{"instruction": text, "tag": tag} for text, tag in zip(data["instructions"], data["tags"])]
     return [{"instruction": text} for text in data["instructions"]]
-
-
-def read_json_list(path: Path) -> list[Row]:
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return data
-
-
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 # --- row parsers ----------------------------------------------------------------------------
@@ -431,7 +389,7 @@ def _hub_rows(spec: BenchmarkSpec) -> list[Row]:
     try:
         dataset = datasets.load_dataset(source.repo_id, source.config, data_dir=source.data_dir, split=source.split)
     except Exception as err:  # network, auth and missing-config errors all mean the same here
-        raise RuntimeError(
+        raise ValueError(
             f"could not load {spec.name!r} from hub dataset {source.repo_id} "
             f"(config={source.config}, split={source.split}); offline? pass a local path instead: {err}"
         ) from err

@@ -16,13 +16,14 @@ it for a `transformers.Trainer`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dcr_fast import atomic
+from dcr_fast.data.files import read_jsonl
 from dcr_fast.data.records import Prompt
 from dcr_fast.evaluation.harness import EvalConfig, evaluate
 from dcr_fast.evaluation.refusal import Judge
@@ -51,26 +52,14 @@ class RefusalTracker:
         record = {"step": step, **{key: run[key] for key in
                                    ("compliance", "defense_success", "defense_success_mean", "refusal_probability",
                                     "judge")}, **extra}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # After a crash mid-line the file lacks its final newline; start a fresh line.
-        torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(("\n" if torn else "") + json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        atomic.append_line(self.path, json.dumps(record))  # cuts off a line a crash left incomplete
         return record
 
     def records(self) -> list[dict[str, Any]]:
-        """Logged records in step order (a line cut short by a crash is skipped)."""
+        """Logged records in step order (a last line cut short by a crash is dropped, with a warning)."""
         if not self.path.exists():
             return []
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return sorted(records, key=lambda r: r["step"])
+        return sorted(read_jsonl(self.path, "refusal tracking log", torn_tail=True), key=lambda r: r["step"])
 
     def trainer_callback(self, every: int):
         """A `transformers.TrainerCallback` that calls the tracker every `every` optimizer steps."""
