@@ -90,7 +90,13 @@ def load_yaml(path: str, section: str | None = None) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" line {where.line + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config: {path!r}{line} is not valid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
