@@ -143,8 +143,27 @@ def test_resume_after_crash_skips_finished_chunks(model, tokenizer, exact, tmp_p
     assert computed == [3, 6]  # chunk 0 came from disk
     np.testing.assert_allclose(resumed.normalized, exact.normalized, rtol=1e-10)
 
-    with pytest.raises(ValueError, match="other settings or prompts"):
+    with pytest.raises(ValueError, match="made with other settings: config.k: 3 -> 2; use another out_dir"):
         entk_matrix(model, tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, k=2, tail_layers=2, progress=False)
+
+
+def test_chunks_of_another_model_or_dtype_are_refused(model, tokenizer, exact, tmp_path):
+    entk_matrix(model, tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, **SETTINGS)
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(2)  # same architecture, dtype and prompts: only the weights differ
+    with pytest.raises(ValueError, match=r"other settings: model.parameters_sha256: sha256 \w+\.\.\. -> sha256"):
+        entk_matrix(retrained, tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, **SETTINGS)
+    with pytest.raises(ValueError, match="dtype: 'float64' -> 'float32'"):
+        entk_matrix(copy.deepcopy(model).float(), tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, **SETTINGS)
+    # A caller's identity (the CLI's file fingerprint) replaces the parameter hash; overwrite starts afresh.
+    with pytest.raises(ValueError, match="model.name: .* -> 'b'"):
+        entk_matrix(model, tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, identity={"name": "b"}, **SETTINGS)
+    again = entk_matrix(retrained, tokenizer, GROUPS, chunk_size=3, out_dir=tmp_path, overwrite=True, **SETTINGS)
+    assert not np.allclose(again.normalized, exact.normalized)
+    np.testing.assert_array_equal(np.load(tmp_path / "matrix.npy"), again.normalized)
+    run = json.loads((tmp_path / "run.json").read_text())["key"]
+    assert run["dtype"] == "float64" and set(run["model"]) == {"class", "parameters_sha256"}
 
 
 @pytest.mark.parametrize(
@@ -156,6 +175,8 @@ def test_resume_after_crash_skips_finished_chunks(model, tokenizer, exact, tmp_p
         ({"a": ["x y"]}, {"offload_group": 0}, "offload_group must be a positive int"),
         ({"a": [torch.zeros(2)]}, {}, "groups\\['a'\\]\\[0\\] must be a non-empty 1-D LongTensor"),
         ({"a": ["x"]}, {"method": "fast"}, "method must be one of"),
+        ({"a": [torch.tensor([1, 10_000])]}, {}, r"groups\['a'\]\[0\] holds token id 10000, outside .*\[0, \d+\)"),
+        ({"a": ["x y"]}, {"method": "fd", "eps": float("inf")}, "eps must be a positive finite float"),
     ],
 )
 def test_bad_input(model, tokenizer, groups, kwargs, match):

@@ -13,6 +13,7 @@ So and Su are the top-k tokens of z(x') and z(x). The normalized similarity is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,8 @@ def entk_block(
     check_options(model, k=k, method=method, eps=eps)
     spec = tail_spec(model, tail_layers, include_lm_head)
     device = next(model.parameters()).device
-    ids_prime = encode(x_prime, tokenizer, "x_prime").to(device)
-    ids = encode(x, tokenizer, "x").to(device)
+    ids_prime = encode(x_prime, tokenizer, "x_prime", model).to(device)
+    ids = encode(x, tokenizer, "x", model).to(device)
     if method == "exact":
         K, K_self, so, su = exact_block(model, spec, ids_prime, ids, k=k)
     elif method == "fd-reference":
@@ -81,20 +82,30 @@ def check_options(model: nn.Module, *, k: int, method: str, eps: float) -> None:
     vocab = model.get_output_embeddings().out_features
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= vocab:
         raise ValueError(f"k must be an int in [1, vocab size {vocab}], got {k!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
 
 
-def encode(prompt: torch.Tensor | str, tokenizer, name: str) -> torch.Tensor:
-    """Token ids of a prompt: a 1-D LongTensor as given, or a string through the chat template."""
+def encode(prompt: torch.Tensor | str, tokenizer, name: str, model: nn.Module) -> torch.Tensor:
+    """Token ids of a prompt: a 1-D LongTensor as given, or a string through the chat template.
+
+    Ids are checked against ``model``'s input embeddings, whose lookup would otherwise fail
+    with a bare IndexError (or, on a GPU, a device-side assert).
+    """
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError(f"{name} is a string: pass tokenizer= (with a chat template), or token ids")
         from dcr_fast.chat import check_chat_template, encode_prompt
 
         check_chat_template(tokenizer, type(tokenizer).__name__)
-        return torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype != torch.long or prompt.numel() == 0:
+        ids = torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)
+    elif not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype != torch.long or prompt.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D LongTensor of token ids or a string, got {describe(prompt)}")
-    return prompt
-
+    else:
+        ids = prompt
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+    return ids

@@ -3,21 +3,24 @@
     dcr-fast ntk --model PATH_OR_ID --group toxic=toxic.txt --group "seemingly toxic"=st.jsonl \\
         --k 5 --tail-layers 2 --method exact --out DIR
 
-A group file is a text file with one prompt per line, or a ``.jsonl`` file whose lines carry a
-``"prompt"`` field. ``--model`` is a local Hugging Face directory or hub id (its tokenizer
-must have a chat template), or ``tiny-qwen2``: a small random Qwen2 with a word-level
-tokenizer built from the prompts, so the command runs offline. DIR receives ``matrix.npy``,
-``means.json``, ``heatmap.png`` and the resumable chunks (rerun the same command to resume).
+A group file is a prompt file (``.txt``, one prompt a line; ``.jsonl``, ``.json`` or ``.csv``
+with a ``prompt`` field or column), or ``BENCHMARK=PATH`` for every prompt of a registered
+benchmark (``--group xstest=xstest=data/xstest``). ``--model`` is any name
+``dcr_fast.models.load`` takes (its tokenizer must have a chat template), or ``tiny-qwen2``: a
+small random Qwen2 with a word-level tokenizer built from the prompts, so the command runs
+offline. DIR receives ``matrix.npy``, ``means.json``, ``heatmap.png`` and the resumable chunks:
+rerun the same command to resume. A rerun with another model, dtype, settings or prompts is
+refused, naming what differs, unless ``--overwrite`` discards the earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
+from dcr_fast import fingerprint
+from dcr_fast.data.files import load_prompts
 from dcr_fast.ntk.block import METHODS
 from dcr_fast.ntk.matrix import EntkMatrixConfig, entk_matrix
 
@@ -30,9 +33,12 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help=f"local HF directory, hub id, or {TINY_MODEL!r}")
     parser.add_argument(
         "--group", action="append", required=True, metavar="NAME=FILE",
-        help="a prompt group: text file (one prompt per line) or .jsonl with a 'prompt' field; repeat per group",
+        help="a prompt group: .txt (one prompt a line), .jsonl/.json/.csv with a 'prompt' field, or "
+             "BENCHMARK=PATH; repeat per group",
     )
     parser.add_argument("--out", required=True, help="output directory (resumable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard an earlier run in --out made with another model, dtype, settings or prompts")
     defaults = EntkMatrixConfig()
     parser.add_argument("--k", type=int, default=defaults.k, help="top-k tokens per prompt (So, Su)")
     parser.add_argument("--tail-layers", type=int, default=defaults.tail_layers, help="decoder layers in θ_S")
@@ -54,18 +60,21 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--attn", default="auto", help="attention implementation (auto: SDPA)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint="rerun the same command to resume (finished row chunks are kept)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        groups = {name: read_prompts(path, name) for name, path in (parse_group(g) for g in args.group)}
-        model, tokenizer = load(args, [p for prompts in groups.values() for p in prompts])
-        config = {f.name: getattr(args, f.name) for f in fields(EntkMatrixConfig)}
-        result = entk_matrix(model, tokenizer, groups, out_dir=args.out, **config)
-    except ValueError as exc:
-        print(f"dcr-fast {NAME}: error: {exc}", file=sys.stderr)
-        return 2
+    groups: dict[str, list[str]] = {}
+    for spec in args.group:
+        name, source = parse_group(spec)
+        if name in groups:
+            raise ValueError(f"--group {name!r} given twice; give each group once (one file per group)")
+        groups[name] = load_prompts(source, f"--group {name}")
+    model, tokenizer = load(args, [p for prompts in groups.values() for p in prompts])
+    config = {f.name: getattr(args, f.name) for f in fields(EntkMatrixConfig)}
+    identity = None if args.model == TINY_MODEL else fingerprint.model_fingerprint(args.model)
+    result = entk_matrix(model, tokenizer, groups, out_dir=args.out, identity=identity, overwrite=args.overwrite,
+                         **config)
     width = max(len(n) for n in result.group_names)
     print(f"normalized eNTK means (rows x', columns x), {len(result.labels)} prompts, method {args.method}:")
     print(" " * width + "  " + "  ".join(f"{n[:10]:>10}" for n in result.group_names))
@@ -75,31 +84,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_group(spec: str) -> tuple[str, Path]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
+def parse_group(spec: str) -> tuple[str, str]:
+    name, sep, source = spec.partition("=")
+    if not sep or not name or not source:
         raise ValueError(f"--group must be NAME=FILE, got {spec!r}")
-    return name, Path(path)
-
-
-def read_prompts(path: Path, group: str) -> list[str]:
-    """Prompts of a group file: one per non-empty line, or the 'prompt' field of each JSONL line."""
-    if not path.is_file():
-        raise ValueError(f"--group {group}: no such file {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
-        return [line.strip() for line in lines]
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            prompts.append(str(json.loads(line)["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"--group {group}: {path} line {number} is not JSON with a 'prompt' field ({exc})"
-            ) from exc
-    if not prompts:
-        raise ValueError(f"--group {group}: {path} has no prompts")
-    return prompts
+    return name, source
 
 
 def load(args: argparse.Namespace, prompts: list[str]):

@@ -12,15 +12,15 @@ probe features once (:func:`dcr_fast.ntk.exact.probe_features`) and contracts ch
 ``fd`` reuses those features as its directions (:func:`dcr_fast.ntk.fd.fd_blocks`);
 ``fd-reference`` goes pair by pair as the paper does (normalizers once per prompt).
 
-Files in ``out_dir``: ``run.json`` (settings and prompts, checked on resume),
+Files in ``out_dir``: ``run.json`` (the key: settings, prompts, model and dtype, checked on resume),
 ``chunks/rows_*.npy``, ``matrix.npy`` (N×N float64), ``means.json`` and ``heatmap.png``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcr_fast import atomic
+from dcr_fast.fingerprint import check_key, module_fingerprint
 from dcr_fast.ntk.block import check_options, encode
 from dcr_fast.ntk.exact import ProbeFeatures, probe_gram, prompt_probes
 from dcr_fast.ntk.fd import fd_blocks
@@ -82,6 +83,8 @@ def entk_matrix(
     offload_features: bool = False,
     offload_group: int = 4,
     out_dir: str | os.PathLike | None = None,
+    identity: dict | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> EntkMatrix:
     """All-pairs normalized eNTK similarity of the prompts in ``groups`` (see the module docstring).
@@ -92,6 +95,11 @@ def entk_matrix(
     model) in host memory, for runs whose features do not fit on the accelerator: row chunks
     are then contracted ``offload_group`` at a time, their features held on the device
     meanwhile, so every other chunk is uploaded once per group rather than once per row chunk.
+
+    With ``out_dir``, the run is keyed by its settings, prompts, the parameters' dtype and the
+    model's ``identity`` (default: :func:`dcr_fast.fingerprint.module_fingerprint` of ``model``;
+    the CLI passes the cheaper file fingerprint of the model it loaded): chunks saved under
+    another key are refused, or deleted first with ``overwrite``.
     """
     config = EntkMatrixConfig(
         k, tail_layers, include_lm_head, method, eps, chunk_size, offload_features, offload_group
@@ -105,12 +113,16 @@ def entk_matrix(
     device = next(model.parameters()).device
     labels = [name for name, items in groups.items() for _ in items]
     prompts = [
-        encode(p, tokenizer, f"groups[{name!r}][{i}]").to(device)
+        encode(p, tokenizer, f"groups[{name!r}][{i}]", model).to(device)
         for name, items in groups.items()
         for i, p in enumerate(items)
     ]
     spec = tail_spec(model, tail_layers, include_lm_head)
-    store = _ChunkStore(Path(out_dir), config, labels, prompts) if out_dir is not None else None
+    store = None
+    if out_dir is not None:
+        model_key = {"model": identity if identity is not None else module_fingerprint(model),
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        store = _ChunkStore(Path(out_dir), config, labels, prompts, model_key, overwrite=overwrite)
 
     engine_class = _ReferenceEngine if method == "fd-reference" else _FeatureEngine
     engine = engine_class(model, spec, prompts, config, progress=progress)
@@ -303,25 +315,22 @@ def _pair_norms(gram: torch.Tensor) -> torch.Tensor:
 class _ChunkStore:
     """Row chunks on disk, written atomically; a run's identity is checked before reuse."""
 
-    def __init__(self, root: Path, config: EntkMatrixConfig, labels: list[str], prompts: list[torch.Tensor]):
+    def __init__(self, root: Path, config: EntkMatrixConfig, labels: list[str], prompts: list[torch.Tensor],
+                 model_key: dict, *, overwrite: bool):
         self.root = root
+        if overwrite:
+            shutil.rmtree(root / "chunks", ignore_errors=True)
+            for name in ("run.json", "matrix.npy", "means.json", "heatmap.png"):
+                (root / name).unlink(missing_ok=True)
         (root / "chunks").mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         for p in prompts:
             digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
         # Where the features live does not change a number: a run may resume with or without offload.
         settings = {key: value for key, value in asdict(config).items() if not key.startswith("offload_")}
-        run = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest()}
-        run_file = root / "run.json"
-        if run_file.exists():
-            previous = json.loads(run_file.read_text())
-            if previous != run:
-                raise ValueError(
-                    f"out_dir {root} holds a run with other settings or prompts; use a fresh out_dir "
-                    f"(previous config: {previous.get('config')})"
-                )
-        else:
-            atomic.write_json(run_file, run, indent=1)
+        key = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest(), **model_key}
+        check_key(root / "run.json", key, what=f"the eNTK chunks in {str(root)!r}",
+                  remedy="use another out_dir (--out), or overwrite=True (--overwrite) to discard them")
 
     def _chunk(self, start: int) -> Path:
         return self.root / "chunks" / f"rows_{start:08d}.npy"
