@@ -113,11 +113,14 @@ def tiny_model(tokenizer, *, architecture: str = "qwen2", hidden_size: int = 32,
                        attn_implementation=attn_implementation, dtype=dtype)
 
 
-def save_tiny_model(path: str, texts: Iterable[str], **model_kwargs) -> str:
+def save_tiny_model(path: str, texts: Iterable[str], *, chat_template: bool = True, **model_kwargs) -> str:
     """Build the BPE tokenizer from ``texts`` and a tied Qwen2 for it (``build_model``'s
-    keyword arguments); save both to ``path`` and return it."""
+    keyword arguments); save both to ``path`` and return it. ``chat_template=False`` saves the
+    tokenizer without one, as a base (non-chat) checkpoint ships."""
     tokenizer = build_tokenizer(texts)
     model = build_model(tokenizer, **model_kwargs)
+    if not chat_template:
+        tokenizer.chat_template = None
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

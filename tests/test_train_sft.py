@@ -183,6 +183,55 @@ def test_resume_refuses_changed_settings(tiny_model, data_file, tmp_path):
         run_sft(config(tiny_model, tmp_path / "run", data_file, resume=True, lr=1e-2))
 
 
+def test_a_torn_last_log_line_does_not_stop_a_resume(tiny_model, data_file, tmp_path):
+    full = run_sft(config(tiny_model, tmp_path / "full", data_file))
+    run_sft(config(tiny_model, tmp_path / "cut", data_file, max_steps=3))
+    log = tmp_path / "cut" / "log.jsonl"
+    with open(log, "a") as handle:
+        handle.write('{"step": 4, "loss": 0.3')  # a kill in the middle of an append
+    with pytest.warns(UserWarning, match="log.jsonl' ends in an incomplete line"):
+        resumed = run_sft(config(tiny_model, tmp_path / "cut", data_file, resume=True))
+    assert resumed["finished"] and resumed["final_loss"] == full["final_loss"]
+    logs = [json.loads(line) for line in log.read_text().splitlines()]
+    full_logs = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    assert [(r["step"], r["loss"]) for r in logs] == [(r["step"], r["loss"]) for r in full_logs]
+
+
+def test_a_max_length_that_cuts_off_every_response_is_refused(tiny_model, data_file, tmp_path):
+    # The fixture's templated prompts are 13-15 tokens: at 13 no example keeps a response token.
+    with pytest.raises(ValueError, match=r"max_length: 13 tokens cut off the response of all 21 examples \(their "
+                                         r"templated prompts are 13-15 tokens long\), so training would learn "
+                                         r"nothing; raise --max-length above 15"):
+        run_sft(config(tiny_model, tmp_path / "short", data_file, max_length=13))
+    assert not os.path.exists(tmp_path / "short" / "log.jsonl")
+    with pytest.warns(UserWarning, match=r"cut off the whole response of 9 of 21 examples \(43%"):
+        summary = run_sft(config(tiny_model, tmp_path / "some", data_file, max_length=15, epochs=0.5))
+    assert summary["final_loss"] > 0
+
+
+def test_a_new_run_in_a_used_folder_needs_resume_or_overwrite(tiny_model, data_file, tmp_path):
+    out = tmp_path / "run"
+    run_sft(config(tiny_model, out, data_file, epochs=0.5))
+    with pytest.raises(ValueError, match=r"out: '.*run' holds an earlier run \(summary.json, model, adapter, "
+                                         r"checkpoint.pt, log.jsonl, config.yaml\); pass --resume to continue it, "
+                                         r"--overwrite to replace it, or choose another --out"):
+        run_sft(config(tiny_model, out, data_file, epochs=1))
+    again = run_sft(config(tiny_model, out, data_file, epochs=0.5, resume=True))  # what the demo does
+    assert again["finished"] and again["steps_this_run"] == 0
+    # --overwrite removes the earlier outputs first: a replacement cut short leaves no stale "finished".
+    cut = run_sft(config(tiny_model, out, data_file, epochs=1, overwrite=True, max_steps=1))
+    assert not cut["finished"] and not json.load(open(out / "summary.json"))["finished"]
+    assert not (out / "model").exists() and not (out / "adapter").exists()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="resume, overwrite: give one"):
+        config(tiny_model, out, data_file, resume=True, overwrite=True)
+    run_sft(config(tiny_model, out, data_file, epochs=1, resume=True))
+    os.remove(out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"resume: '.*run' has no checkpoint.pt to continue from, but holds an "
+                                         r"earlier run's summary.json, model, adapter; pass --overwrite"):
+        run_sft(config(tiny_model, out, data_file, epochs=1, resume=True))
+
+
 def test_adapter_and_merged_model_load_and_agree(tiny_model, data_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -232,17 +281,11 @@ def test_empty_and_malformed_data_files(tiny_model, tmp_path):
         run_sft(config(tiny_model, tmp_path / "o", str(wrong)))
 
 
-def test_model_without_chat_template_is_rejected(tiny_model, data_file, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    plain = tmp_path / "plain"
-    AutoModelForCausalLM.from_pretrained(tiny_model).save_pretrained(plain)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
+def test_model_without_chat_template_is_rejected(data_file, tmp_path):
+    texts = [t for pair in PAIRS for t in pair]
+    plain = save_tiny_model(str(tmp_path / "plain"), texts, hidden_size=32, layers=3, chat_template=False)
     with pytest.raises(ValueError, match="has no chat template"):
-        run_sft(config(str(plain), tmp_path / "o", data_file))
+        run_sft(config(plain, tmp_path / "o", data_file))
 
 
 def test_cli_flags_reach_the_config(tiny_model, data_file, tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from dcr_fast import atomic
 from dcr_fast.config import config_to_dict
+from dcr_fast.data.files import read_jsonl
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ def save_checkpoint(path: str, model, optimizer, config, step: int) -> None:
 
 
 # Fields that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"resume", "max_steps", "save_every", "progress"}
+_RESUME_FREE = {"resume", "overwrite", "max_steps", "save_every", "progress"}
 
 
 def restore(path: str, model, optimizer, config) -> int:
@@ -51,16 +52,16 @@ def restore(path: str, model, optimizer, config) -> int:
     return int(state["step"])
 
 
-
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    atomic.append_line(path, json.dumps(record))
 
 
 def truncate_log(path: str, step: int) -> None:
+    """Keep the log's records up to ``step`` (the checkpoint's), for a resumed run to continue it.
+
+    A last line cut short by a kill is dropped with a warning rather than failing every resume.
+    """
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
-    atomic.write_text(path, "".join(kept))
-
+    kept = [row for row in read_jsonl(path, "resume: the step log", torn_tail=True) if row.get("step", 0) <= step]
+    atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in kept))

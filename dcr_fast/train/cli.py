@@ -7,14 +7,16 @@ from typing import Any
 
 from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.train.config import TrainConfig
+from dcr_fast.train.outputs import check_output_folder
 
 
 def check_model_and_out(config: TrainConfig) -> None:
     """The two fields every stage needs, checked before anything is loaded."""
     if not config.model:
-        raise ValueError("model: required (a local model directory or hub id)")
+        raise ValueError("model: required (a built-in name, a .gguf file, a model directory or a hub id)")
     if not config.out:
         raise ValueError("out: required (the output directory)")
+    check_output_folder(config)
 
 
 def register_stage(subparsers, name: str, *, help: str, description: str, config_cls: type,
@@ -31,7 +33,7 @@ def register_stage(subparsers, name: str, *, help: str, description: str, config
         print_summary(name, {k: v for k, v in summary.items() if k != "config"})
         return 0
 
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint="rerun with --resume to continue from the last checkpoint in OUT")
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:

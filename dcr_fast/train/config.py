@@ -36,12 +36,15 @@ class TrainConfig:
     save_every: int = dataclasses.field(default=50, metadata={"help": "checkpoint every N optimizer steps (and at the end)"})
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "stop after N optimizer steps (schedule unchanged; resume later)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an earlier run's outputs in OUT (without it or --resume, such a folder is refused)"})
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ValueError(f"epochs: expected > 0, got {self.epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume, overwrite: give one; --resume continues the run in OUT, --overwrite replaces it")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: expected cosine, linear or constant, got {self.lr_schedule!r}")
 

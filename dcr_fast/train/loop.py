@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dcr_fast.config import save_yaml
 from dcr_fast.train.checkpoint import append_jsonl, restore, save_checkpoint, truncate_log
 from dcr_fast.train.config import TrainConfig
+from dcr_fast.train.outputs import clear_previous_run
 
 IGNORE_INDEX = -100
 
@@ -81,8 +82,8 @@ def run_steps(
     if config.resume and os.path.exists(checkpoint_path):
         start = restore(checkpoint_path, model, optimizer, config)
         truncate_log(log_path, start)
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    else:
+        clear_previous_run(out_dir)
     save_yaml(config, os.path.join(out_dir, "config.yaml"))
 
     stop = total_steps if config.max_steps is None else min(total_steps, config.max_steps)

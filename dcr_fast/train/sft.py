@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dcr_fast.chat import encode_example
+from dcr_fast.chat import encode_example, encode_prompt
 from dcr_fast.data.files import check_source, load_pairs
 from dcr_fast import models
 from dcr_fast.runtime import resolve_device, set_seed
@@ -79,7 +80,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     set_seed(config.seed)
     device = resolve_device(config.device)
     model, tokenizer = models.load(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
-    examples = [tokenize_example(tokenizer, prompt, response, config) for prompt, response in pairs]
+    examples = tokenize_examples(tokenizer, pairs, config)
     model = prepare_model(model, config)
     plan = plan_steps(len(examples), config)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16_autocast)
@@ -95,6 +96,28 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="sft")
     summary["examples"] = len(examples)
     return finish_run(summary, model, tokenizer, config)
+
+
+def tokenize_examples(tokenizer, pairs: list[tuple[str, str]], config: SFTConfig) -> list[Example]:
+    """``tokenize_example`` for every pair; refuses a set that ``max_length`` leaves nothing to learn from.
+
+    An example truncated before its first response token has no target: it costs compute and
+    adds nothing. All of them so would train on nothing (loss 0, gradient 0, a "trained" model),
+    so that is an error; some of them, a warning with the count.
+    """
+    examples = [tokenize_example(tokenizer, prompt, response, config) for prompt, response in pairs]
+    empty = [i for i, e in enumerate(examples) if all(t == IGNORE_INDEX for t in e.targets)]
+    if not empty:
+        return examples
+    lengths = [len(encode_prompt(tokenizer, pairs[i][0], config.system_prompt)) for i in empty]
+    if len(empty) == len(examples):
+        raise ValueError(f"max_length: {config.max_length} tokens cut off the response of all {len(examples)} "
+                         f"examples (their templated prompts are {min(lengths)}-{max(lengths)} tokens long), so "
+                         f"training would learn nothing; raise --max-length above {max(lengths)}")
+    warnings.warn(f"max_length: {config.max_length} tokens cut off the whole response of {len(empty)} of "
+                  f"{len(examples)} examples ({len(empty) / len(examples):.0%}; their templated prompts are up to "
+                  f"{max(lengths)} tokens long); they add nothing to the loss", stacklevel=2)
+    return examples
 
 
 def tokenize_example(tokenizer, prompt: str, response: str, config: SFTConfig) -> Example:
