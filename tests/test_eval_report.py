@@ -1,6 +1,8 @@
 """evaluate(): rates from the generated responses, judge choice, resumable generations;
 write_report(): Table-1 markdown, JSON, figures; the `dcr-fast eval` module; the SFT tracker."""
 
+import copy
+import dataclasses
 import json
 import types
 
@@ -65,18 +67,70 @@ def test_guard_judge_is_used_and_named(model, tokenizer):
     assert run["judge"] == "every-other" and run["refusal_probability"] == {}
 
 
+def _recording_generate(monkeypatch) -> list[list[str]]:
+    """Route harness.generate through a recorder of the prompts each call was asked for."""
+    asked: list[list[str]] = []
+    real = harness.generate
+
+    def generate(model, tokenizer, prompts, config):
+        asked.append(list(prompts))
+        return real(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr(harness, "generate", generate)
+    return asked
+
+
 def test_resumes_from_saved_generations(tmp_path, model, tokenizer, monkeypatch):
-    config = EvalConfig(max_new_tokens=3, refusal_probability=False, progress=False)
+    config = EvalConfig(max_new_tokens=3, batch_size=1, refusal_probability=False, progress=False)
     first = evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    asked = _recording_generate(monkeypatch)
+    assert evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path) == first and asked == []
+    swapped = {"harm": BENCHMARKS["harm"][::-1]}  # other prompts: their saved responses are not theirs
+    evaluate(model, tokenizer, swapped, config, out_dir=tmp_path)
+    assert asked == [[p.text for p in swapped["harm"]]]
 
-    def no_generation(*args, **kwargs):
-        raise AssertionError("generate() called although the generations were saved")
 
-    monkeypatch.setattr(harness, "generate", no_generation)
-    assert evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path) == first
-    changed = {"harm": BENCHMARKS["harm"][:1]}  # other prompts: the checkpoint must not be reused
-    with pytest.raises(AssertionError, match="generate\\(\\) called"):
-        evaluate(model, tokenizer, changed, config, out_dir=tmp_path)
+def test_a_truncated_generations_file_resumes_after_its_last_whole_line(tmp_path, model, tokenizer, monkeypatch):
+    config = EvalConfig(max_new_tokens=3, batch_size=1, refusal_probability=False, progress=False)
+    first = evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    path = tmp_path / "generations" / "mixed.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # a copy cut short in its second line
+    asked = _recording_generate(monkeypatch)
+    with pytest.warns(UserWarning, match="mixed.jsonl' ends in an incomplete line"):
+        again = evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    assert asked == [[p.text for p in BENCHMARKS["mixed"][1:]]]  # the whole first line was kept
+    assert again == first and path.read_text() == "".join(lines)
+
+
+def test_generations_of_another_model_or_settings_are_refused(tmp_path, model, tokenizer):
+    config = EvalConfig(max_new_tokens=3, refusal_probability=False, progress=False)
+    evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    other = tiny_model(tokenizer, seed=2)
+    refused = [
+        (other, config, r"model.parameters_sha256: sha256 \w+\.\.\. -> sha256 \w+\.\.\.; use another --out, or --overwrite"),
+        (model, dataclasses.replace(config, max_new_tokens=4), "other settings: max_new_tokens: 3 -> 4;"),
+        (model, dataclasses.replace(config, system_prompt="be brief"), "system_prompt: None -> 'be brief'"),
+        (copy.deepcopy(model).double(), config, "dtype: 'float32' -> 'float64'"),
+    ]
+    for candidate, settings, message in refused:
+        with pytest.raises(ValueError, match=message):
+            evaluate(candidate, tokenizer, BENCHMARKS, settings, out_dir=tmp_path)
+    judged = evaluate(model, tokenizer, BENCHMARKS, config, judge=EveryOther(), out_dir=tmp_path)
+    assert judged["judge"] == "every-other"  # the judge is applied afresh to saved responses: not in the key
+    replaced = evaluate(other, tokenizer, BENCHMARKS, config, out_dir=tmp_path, overwrite=True)
+    assert replaced == evaluate(other, tokenizer, BENCHMARKS, config)
+    rows = [json.loads(line) for line in (tmp_path / "generations" / "harm.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == harness.generate(other, tokenizer, TOXIC_TEXTS, harness.GenerationConfig(
+        max_new_tokens=3, progress=False))
+
+
+def test_generations_without_a_key_are_not_trusted(tmp_path, model, tokenizer):
+    config = EvalConfig(max_new_tokens=3, refusal_probability=False, progress=False)
+    evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
+    (tmp_path / "generations" / "key.json").unlink()  # as an earlier dcr-fast left them
+    with pytest.raises(ValueError, match="carry no key.json"):
+        evaluate(model, tokenizer, BENCHMARKS, config, out_dir=tmp_path)
 
 
 def test_separability_and_its_figure(tmp_path, model, tokenizer):
@@ -149,6 +203,33 @@ def test_cli_end_to_end(tmp_path, model, tokenizer):
     assert (out / "generations" / "oktest.jsonl").exists() and (out / "report.md").exists()
 
 
+def test_cli_rerun_with_another_model_or_settings_is_refused(tmp_path, model, tokenizer, capfd):
+    from dcr_fast.cli import main
+
+    for name, candidate in (("a", model), ("b", tiny_model(tokenizer, seed=2))):
+        candidate.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    data = tmp_path / "OKTest.csv"
+    data.write_text("prompt\n" + "".join(f"{t}\n" for t in SEEMING))
+    out = tmp_path / "out"
+
+    def run(model_dir, *flags):
+        code = main(["eval", "--model", str(tmp_path / model_dir), "--benchmark", f"oktest={data}", "--out", str(out),
+                     "--max-new-tokens", "3", "--no-progress", "--no-refusal-probability", *flags])
+        return code, capfd.readouterr().err.strip().splitlines()[-1:]
+
+    assert run("a")[0] == 0
+    code, line = run("b")
+    assert code == 2 and line[0].startswith(f"dcr-fast eval: error: eval: the generations in '{out / 'generations'}' "
+                                            "were made with other settings: model.files.model.safetensors: sha256 ")
+    assert line[0].endswith("use another --out, or --overwrite to regenerate them")
+    assert run("a", "--max-new-tokens", "4")[1][0].endswith("other settings: max_new_tokens: 3 -> 4; use another "
+                                                             "--out, or --overwrite to regenerate them")
+    assert "system_prompt: None -> 'be brief'" in run("a", "--system-prompt", "be brief")[1][0]
+    assert run("b", "--overwrite")[0] == 0
+    assert run("b")[0] == 0  # the regenerated responses are b's now
+
+
 def test_cli_rejects_bad_benchmarks_before_loading_the_model(tmp_path):
     args = _parse(["eval", "--model", str(tmp_path / "missing"), "--benchmark", f"oktest={tmp_path}",
                    "--out", str(tmp_path / "out")])
@@ -165,11 +246,14 @@ def test_tracker_logs_resumes_and_plots(tmp_path, model, tokenizer):
     tracker(model, 10)
     with open(path, "a") as handle:
         handle.write('{"step": 20, "compl')  # a line cut short by a crash
-    assert [r["step"] for r in RefusalTracker(tokenizer, BENCHMARKS, path).records()] == [0, 10]
+    with pytest.warns(UserWarning, match="tracking.jsonl' ends in an incomplete line"):
+        assert [r["step"] for r in RefusalTracker(tokenizer, BENCHMARKS, path).records()] == [0, 10]
 
     callback = tracker.trainer_callback(every=5)
     state = types.SimpleNamespace(global_step=15)
-    callback.on_step_end(None, state, None, model=model)
+    with pytest.warns(UserWarning, match="incomplete line"):
+        callback.on_step_end(None, state, None, model=model)  # the next append cuts the fragment off
+    assert path.read_text().count("\n") == 3 and path.read_text().endswith("}\n")
     state.global_step = 16
     callback.on_step_end(None, state, None, model=model)
     assert [r["step"] for r in tracker.records()] == [0, 10, 15]

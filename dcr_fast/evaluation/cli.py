@@ -6,7 +6,9 @@
 A benchmark is NAME=PATH (a file, or the directory holding its usual file) or NAME alone to
 fetch it from the hub. All benchmarks are loaded and checked before the model is, so a bad
 path fails in seconds. Responses are checkpointed under OUT/generations; rerunning the same
-command resumes. The evaluation settings (EvalConfig) are flags, or come from --config FILE
+command resumes. They are kept with the model's content fingerprint, dtype, chat template,
+--max-new-tokens and --system-prompt that made them: a rerun in the same OUT that changes any of
+these is refused, naming what differs, unless --overwrite regenerates. The evaluation settings (EvalConfig) are flags, or come from --config FILE
 (flat, or its `eval:` section) as for the training commands.
 """
 
@@ -29,17 +31,19 @@ def register(subparsers) -> None:
                         help="a built-in name (smollm2-135m-instruct), a .gguf file, a model directory or a hub id")
     parser.add_argument("--benchmark", action="append", required=True, metavar="NAME[=PATH]",
                         help="a benchmark registry name, optionally =PATH; repeat for several")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (rerun to resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="regenerate responses saved in --out by another model or other settings")
     parser.add_argument("--guard", default=None, help="guard model path for defense success (default: refusal filter)")
     parser.add_argument("--run-name", default=None, help="row name in the report (default: the model path's name)")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: as saved)")
     add_config_arguments(parser, EvalConfig)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint="rerun the same command to resume (finished benchmarks are kept)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcr_fast import models
+    from dcr_fast import fingerprint, models
     from dcr_fast.data import load_benchmark
     from dcr_fast.evaluation.harness import evaluate
     from dcr_fast.evaluation.refusal import GuardJudge, RefusalFilter
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         benchmarks[name] = load_benchmark(name, path or None)
     model, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
     judge = GuardJudge.from_pretrained(args.guard, device=model.device) if args.guard else RefusalFilter()
-    result = evaluate(model, tokenizer, benchmarks, config, judge=judge, out_dir=args.out)
+    result = evaluate(model, tokenizer, benchmarks, config, judge=judge, out_dir=args.out,
+                      model_key=fingerprint.model_fingerprint(args.model), overwrite=args.overwrite)
     name = args.run_name or Path(args.model).name
     write_report(args.out, {name: result}, settings={"model": args.model, "guard": args.guard,
                                                      "benchmarks": args.benchmark, **result["settings"]})

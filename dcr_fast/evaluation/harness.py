@@ -7,12 +7,17 @@ Within each benchmark, prompts that should be answered (seemingly toxic, normal)
 compliance rate by the XSTest rule and toxic prompts give its defense success by `judge`, so
 a mixed set such as XSTest yields both. Responses are checkpointed per benchmark under
 `out_dir/generations/` (written atomically), so an interrupted evaluation resumes where it
-stopped.
+stopped. They are reused only for the model, dtype, chat template, token budget and system
+prompt that made them (`generations/key.json`, see `dcr_fast.fingerprint`); an evaluation
+with other settings in the same `out_dir` is refused, naming what differs, unless
+`overwrite=True` discards them. The judge is not in the key: it is applied afresh to the
+saved responses on every run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +29,8 @@ from dcr_fast.data.records import TOXIC, Prompt
 from dcr_fast.evaluation.generation import GenerationConfig, generate
 from dcr_fast.evaluation.refusal import Judge, RefusalFilter, compliance_rate, defense_success, is_refusal
 from dcr_fast.evaluation.refusal_prob import refusal_probability
-from dcr_fast import atomic
+from dcr_fast import atomic, fingerprint
+from dcr_fast.data.files import read_jsonl
 from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states, plot_mds
 
 
@@ -57,12 +63,18 @@ def evaluate(
     config: EvalConfig | None = None,
     judge: Judge | None = None,
     out_dir: str | Path | None = None,
+    model_key: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` on named prompt sets; returns the run's record for `write_report`.
 
     With `config.separability` naming one of the benchmarks, the per-layer k-means +
     Hungarian accuracy of toxic vs other prompts is added as `separability`, and its MDS
     picture is drawn under `out_dir/figures/` (listed in `figures`).
+
+    With `out_dir`, generations are saved and reused under a key whose model part is
+    `model_key` (the CLI passes `dcr_fast.fingerprint.model_fingerprint` of the loaded name;
+    default: the fingerprint of `model`'s parameters); `overwrite` discards saved generations.
 
     Keys: `compliance` {benchmark: rate} and `defense_success` {benchmark: rate} (only the
     benchmarks holding such prompts), `defense_success_mean`, `refusal_probability`
@@ -80,6 +92,8 @@ def evaluate(
         if not prompts:
             raise ValueError(f"benchmark {name!r} has no prompts")
     generation = GenerationConfig(config.max_new_tokens, config.batch_size, config.system_prompt, config.progress)
+    if out_dir is not None:
+        _check_generations_key(Path(out_dir) / "generations", model, tokenizer, config, model_key, overwrite)
     run: dict[str, Any] = {"compliance": {}, "defense_success": {}, "refusal_probability": {}, "counts": {}}
     for name, prompts in benchmarks.items():
         prompts = list(prompts)[: config.limit]
@@ -126,15 +140,39 @@ def _separability(model, tokenizer, config: EvalConfig, prompts: list[Prompt],
     return result
 
 
+def _check_generations_key(folder: Path, model, tokenizer, config: EvalConfig, model_key, overwrite: bool) -> None:
+    """Refuse saved generations made with other settings (or discard them with ``overwrite``)."""
+    key_file = folder / "key.json"
+    if overwrite and folder.exists():
+        key_file.unlink(missing_ok=True)  # first: saved rows without their key are never trusted
+        shutil.rmtree(folder)
+    if not key_file.exists() and folder.exists() and any(folder.glob("*.jsonl")):
+        raise ValueError(f"eval: the generations in {str(folder)!r} carry no key.json, so what made them is "
+                         "unknown; use another --out, or --overwrite to regenerate them")
+    key = {
+        "model": dict(model_key) if model_key is not None else fingerprint.module_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "chat_template": fingerprint.text_sha256(getattr(tokenizer, "chat_template", None)),
+        "max_new_tokens": config.max_new_tokens,
+        "system_prompt": config.system_prompt,
+    }
+    fingerprint.check_key(key_file, key, what=f"eval: the generations in {str(folder)!r}",
+                          remedy="use another --out, or --overwrite to regenerate them")
+
+
 def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: GenerationConfig,
                out_dir: str | Path | None) -> list[str]:
-    """Greedy responses for one benchmark, reused from its checkpoint when it matches."""
+    """Greedy responses for one benchmark; those already saved for the same leading prompts are reused."""
     path = Path(out_dir) / "generations" / f"{name}.jsonl" if out_dir is not None else None
+    saved: list[str] = []
     if path is not None and path.exists():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        if [r["prompt"] for r in rows] == [p.text for p in prompts]:
-            return [r["response"] for r in rows]
-    responses = generate(model, tokenizer, [p.text for p in prompts], config)
+        for row, prompt in zip(read_jsonl(path, f"eval: generations of {name!r}", torn_tail=True), prompts):
+            if row.get("prompt") != prompt.text or not isinstance(row.get("response"), str):
+                break
+            saved.append(row["response"])
+    if len(saved) == len(prompts):
+        return saved
+    responses = saved + generate(model, tokenizer, [p.text for p in prompts[len(saved):]], config)
     if path is not None:
         lines = [json.dumps({"prompt": p.text, "category": p.category, "subset": p.subset, "response": r,
                              "refusal": is_refusal(r)}) for p, r in zip(prompts, responses)]
