@@ -10,8 +10,9 @@ otherwise refused with a message naming each setting that differs::
               remedy="use another --out, or --overwrite to replace them", about={"model": args.model})
 
 A model's identity is its content, not its name: ``model_fingerprint`` hashes every file of
-the resolved model directory (config, weights, tokenizer, chat template), so retrained weights
-in the same folder differ and a copied folder matches. Hashing gigabytes of safetensors at every
+the resolved model directory (config, weights, tokenizer, chat template, custom code; not its
+README or training records), so retrained weights in the same folder differ and a copied
+folder matches. Hashing gigabytes of safetensors at every
 run would cost seconds, so content hashes are cached under the dcr-fast cache
 (``file-hashes.json``) keyed by each file's path, size, mtime and inode: an unchanged file is
 hashed once.
@@ -37,6 +38,11 @@ from dcr_fast import atomic
 from dcr_fast.models import cache_root, file_sha256, resolve
 
 _HASHES = "file-hashes.json"
+# Files of a model folder that say where it came from or how it was trained, not what it
+# computes (dcr_fast_source.json is models.convert_gguf's record of the GGUF's path): left out,
+# so the same model fingerprints the same on another machine. Any other file counts.
+_PROVENANCE = frozenset({"README.md", "LICENSE", "LICENSE.txt", "training_args.bin", "trainer_state.json",
+                         "dcr_fast_source.json"})
 
 
 def model_fingerprint(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -54,9 +60,11 @@ def model_fingerprint(name_or_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def directory_hashes(folder: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file directly in ``folder`` (links followed), by name; cached by stat."""
+    """sha256 of every model file directly in ``folder`` (links followed; hidden and provenance
+    files left out), by name; cached by stat."""
     folder = Path(folder)
-    paths = sorted(p for p in folder.iterdir() if p.is_file())
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name not in _PROVENANCE)
     cache_file = _cache_file()
     cache = _read_cache(cache_file)
     hashes, changed = {}, False

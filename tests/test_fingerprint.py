@@ -43,6 +43,8 @@ def test_identity_is_content_not_path(model_dir, tmp_path, cache):
     first = fingerprint.model_fingerprint(model_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(first["files"])
     copied = shutil.copytree(model_dir, tmp_path / "copy")
+    (copied / "README.md").write_text("trained by me")  # provenance, not the model
+    (copied / "dcr_fast_source.json").write_text('{"gguf": "/elsewhere/model.gguf"}')
     assert fingerprint.model_fingerprint(copied) == first
     config = json.loads((copied / "config.json").read_text())
     (copied / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))

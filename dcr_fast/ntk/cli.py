@@ -30,7 +30,8 @@ TINY_MODEL = "tiny-qwen2"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(NAME, help="empirical-NTK similarity matrix of prompt groups (paper figs. 3, 6)")
-    parser.add_argument("--model", required=True, help=f"local HF directory, hub id, or {TINY_MODEL!r}")
+    parser.add_argument("--model", required=True, help="a built-in name (smollm2-135m-instruct), a .gguf file, a model "
+                                                       f"directory or a hub id, or {TINY_MODEL!r}")
     parser.add_argument(
         "--group", action="append", required=True, metavar="NAME=FILE",
         help="a prompt group: .txt (one prompt a line), .jsonl/.json/.csv with a 'prompt' field, or "
