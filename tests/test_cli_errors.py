@@ -79,6 +79,7 @@ USER_ERRORS = [
     Case("eval --model {tmp}/no-model --benchmark oktest={oktest} --out {tmp}/o", "model: '"),
     Case("eval --model {model} --benchmark oktest={oktest} --out {tmp}/o --max-new-tokens 0", "max_new_tokens must"),
     Case("eval --model {model} --benchmark oktest={oktest} --out {tmp}/o --device cuda:99", "device: 'cuda:99'"),
+    Case("eval --model {model} --benchmark oktest={oktest} --out {tmp}/o --guard {tmp}/no-guard", "--guard: model: '"),
     # ntk
     Case("ntk --model tiny-qwen2 --group toxic --out {tmp}/o", "--group must be NAME=FILE, got 'toxic'"),
     Case("ntk --model tiny-qwen2 --group a={tmp}/missing.txt --out {tmp}/o", "--group a: file '"),

@@ -56,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
         if name in benchmarks:
             raise ValueError(f"--benchmark {name!r} given twice")
         benchmarks[name] = load_benchmark(name, path or None)
+    guard = None
+    if args.guard:
+        try:  # before the model is loaded, so a wrong path fails in seconds
+            guard = models.resolve(args.guard)
+        except ValueError as err:
+            raise ValueError(f"--guard: {err}") from None
     model, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
-    judge = GuardJudge.from_pretrained(args.guard, device=model.device) if args.guard else RefusalFilter()
+    judge = GuardJudge.from_pretrained(guard, device=model.device) if guard else RefusalFilter()
     result = evaluate(model, tokenizer, benchmarks, config, judge=judge, out_dir=args.out,
                       model_key=fingerprint.model_fingerprint(args.model), overwrite=args.overwrite)
     name = args.run_name or Path(args.model).name
