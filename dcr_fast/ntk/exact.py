@@ -115,13 +115,15 @@ class ProbeFeatures:
                 return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
             return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
-        return self._map(move)
+        return self.map(move)
 
     def select(self, rows: slice) -> ProbeFeatures:
         """The features of the prompts ``rows``."""
-        return self._map(lambda t: t[rows])
+        return self.map(lambda t: t[rows])
 
-    def _map(self, fn) -> ProbeFeatures:
+    def map(self, fn) -> ProbeFeatures:
+        """A copy with ``fn`` applied to every tensor, always in one order: tokens, each linear's
+        a then delta, dense, head (what sends features between ranks relies on)."""
         return replace(
             self,
             tokens=fn(self.tokens),
