@@ -61,6 +61,7 @@ class EntkMatrix:
     labels: list[str]
     group_names: list[str]
     means: np.ndarray  # (G, G): rows x' group, columns x group
+    ranks: list[dict] | None = None  # across ranks: each rank's work and time per phase
 
     def means_dict(self) -> dict[str, dict[str, float]]:
         return {
@@ -222,7 +223,7 @@ class _FeatureEngine:
         self.pair_norms = torch.full((n, n), float("nan"), dtype=torch.float64, device=self.device)
         for i in range(len(self.chunks)):
             chunk = self._chunk(i)
-            self.pair_norms[self._rows(i), self._rows(i)] = _pair_norms(self.blocks(chunk, chunk)).double()
+            self.pair_norms[self._rows(i), self._rows(i)] = pair_norms(self.blocks(chunk, chunk)).double()
         self.self_norms = self.pair_norms.diagonal().clone()
 
     def normalized_rows(self, rows: range) -> np.ndarray:
@@ -259,7 +260,7 @@ class _FeatureEngine:
                 continue
             right = on_device(j) if j in rows else self._chunk(j)
             for i in lefts:
-                self.pair_norms[self._rows(i), self._rows(j)] = _pair_norms(self.blocks(on_device(i), right)).double()
+                self.pair_norms[self._rows(i), self._rows(j)] = pair_norms(self.blocks(on_device(i), right)).double()
                 if self.symmetric:
                     self.pair_norms[self._rows(j), self._rows(i)] = self.pair_norms[self._rows(i), self._rows(j)].T
         self.complete.update(rows)
@@ -307,7 +308,7 @@ class _ReferenceEngine:
         """Pairs are independent here: a chunk read back from disk offers nothing to reuse."""
 
 
-def _pair_norms(gram: torch.Tensor) -> torch.Tensor:
+def pair_norms(gram: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of each (k×k) block of a (n, n', k, k') Gram."""
     return gram.pow(2).sum(dim=(2, 3)).sqrt()
 
@@ -318,19 +319,8 @@ class _ChunkStore:
     def __init__(self, root: Path, config: EntkMatrixConfig, labels: list[str], prompts: list[torch.Tensor],
                  model_key: dict, *, overwrite: bool):
         self.root = root
-        if overwrite:
-            shutil.rmtree(root / "chunks", ignore_errors=True)
-            for name in ("run.json", "matrix.npy", "means.json", "heatmap.png"):
-                (root / name).unlink(missing_ok=True)
+        open_run(root, config, labels, prompts, model_key, overwrite=overwrite, kept="chunks")
         (root / "chunks").mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        for p in prompts:
-            digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
-        # Where the features live does not change a number: a run may resume with or without offload.
-        settings = {key: value for key, value in asdict(config).items() if not key.startswith("offload_")}
-        key = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest(), **model_key}
-        check_key(root / "run.json", key, what=f"the eNTK chunks in {str(root)!r}",
-                  remedy="use another out_dir (--out), or overwrite=True (--overwrite) to discard them")
 
     def _chunk(self, start: int) -> Path:
         return self.root / "chunks" / f"rows_{start:08d}.npy"
@@ -343,8 +333,36 @@ class _ChunkStore:
         atomic.write(self._chunk(start), lambda tmp: np.save(tmp, block), suffix=".npy")
 
     def finish(self, result: EntkMatrix) -> None:
-        atomic.write(self.root / "matrix.npy", lambda tmp: np.save(tmp, result.normalized), suffix=".npy")
-        summary = {"groups": result.group_names, "labels": result.labels, "means": result.means_dict()}
-        atomic.write_json(self.root / "means.json", summary, indent=1)
-        save_heatmap(result, self.root / "heatmap.png")
+        write_outputs(self.root, result)
 
+
+def open_run(root: Path, config: EntkMatrixConfig, labels: list[str], prompts: list[torch.Tensor], model_key: dict,
+             *, overwrite: bool, kept: str) -> None:
+    """Key ``root`` to this run in ``run.json`` (settings, prompts, model and dtype), or check the
+    key there; ``overwrite`` first deletes an earlier run's results, row chunks or blocks
+    alike. ``kept`` names what the run keeps in ``root``, for the error."""
+    if overwrite:
+        for folder in ("chunks", "blocks"):
+            shutil.rmtree(root / folder, ignore_errors=True)
+        for name in ("run.json", "matrix.npy", "means.json", "heatmap.png", "ranks.json"):
+            (root / name).unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(p.cpu().numpy().astype(np.int64).tobytes() + b"|")
+    # Where the features live does not change a number: a run may resume with or without offload.
+    settings = {key: value for key, value in asdict(config).items() if not key.startswith("offload_")}
+    key = {"config": settings, "labels": labels, "prompts_sha256": digest.hexdigest(), **model_key}
+    check_key(root / "run.json", key, what=f"the eNTK {kept} in {str(root)!r}",
+              remedy="use another out_dir (--out), or overwrite=True (--overwrite) to discard them")
+
+
+def write_outputs(root: Path, result: EntkMatrix) -> None:
+    """``matrix.npy``, ``means.json`` and ``heatmap.png`` of a finished run (and ``ranks.json``
+    when it ran across ranks)."""
+    atomic.write(root / "matrix.npy", lambda tmp: np.save(tmp, result.normalized), suffix=".npy")
+    summary = {"groups": result.group_names, "labels": result.labels, "means": result.means_dict()}
+    atomic.write_json(root / "means.json", summary, indent=1)
+    if result.ranks is not None:
+        atomic.write_json(root / "ranks.json", result.ranks, indent=1)
+    save_heatmap(result, root / "heatmap.png")
