@@ -12,8 +12,13 @@ probe features once (:func:`dcr_fast.ntk.exact.probe_features`) and contracts ch
 ``fd`` reuses those features as its directions (:func:`dcr_fast.ntk.fd.fd_blocks`);
 ``fd-reference`` goes pair by pair as the paper does (normalizers once per prompt).
 
+Under ``torchrun`` (a default process group of several ranks) the same call runs across the
+ranks, each prompt's features computed by one rank and the matrix's blocks divided among
+them: see :mod:`dcr_fast.ntk.sharded`.
+
 Files in ``out_dir``: ``run.json`` (the key: settings, prompts, model and dtype, checked on resume),
-``chunks/rows_*.npy``, ``matrix.npy`` (N×N float64), ``means.json`` and ``heatmap.png``.
+``chunks/rows_*.npy`` (``blocks/b*_*.npy`` and ``ranks.json`` across ranks), ``matrix.npy``
+(N×N float64), ``means.json`` and ``heatmap.png``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dcr_fast import atomic
+from dcr_fast import atomic, distributed
 from dcr_fast.fingerprint import check_key, module_fingerprint
 from dcr_fast.ntk.block import check_options, encode
 from dcr_fast.ntk.exact import ProbeFeatures, probe_gram, prompt_probes
@@ -119,10 +124,20 @@ def entk_matrix(
         for i, p in enumerate(items)
     ]
     spec = tail_spec(model, tail_layers, include_lm_head)
-    store = None
+    model_key = None
     if out_dir is not None:
         model_key = {"model": identity if identity is not None else module_fingerprint(model),
                      "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    from dcr_fast.ntk import sharded  # built on this module's pieces: imported once they exist
+
+    if distributed.world_size() > 1 or (sharded.has_blocks(out_dir) and not overwrite):
+        return sharded.sharded_matrix(
+            model, spec, prompts, labels, list(groups), config,
+            out_dir=None if out_dir is None else Path(out_dir), model_key=model_key, overwrite=overwrite,
+            progress=progress,
+        )
+    store = None
+    if out_dir is not None:
         store = _ChunkStore(Path(out_dir), config, labels, prompts, model_key, overwrite=overwrite)
 
     engine_class = _ReferenceEngine if method == "fd-reference" else _FeatureEngine
