@@ -11,6 +11,14 @@ small random Qwen2 with a word-level tokenizer built from the prompts, so the co
 offline. DIR receives ``matrix.npy``, ``means.json``, ``heatmap.png`` and the resumable chunks:
 rerun the same command to resume. A rerun with another model, dtype, settings or prompts is
 refused, naming what differs, unless ``--overwrite`` discards the earlier run.
+
+Across GPUs, launch the same command with torchrun (one rank per GPU; every rank needs ``DIR``)::
+
+    torchrun --nproc_per_node 8 -m dcr_fast.cli ntk --model PATH_OR_ID --group ... --out DIR
+
+Each prompt's probe features are computed once, by one rank, and the matrix's blocks are
+divided among the ranks (:mod:`dcr_fast.ntk.sharded`); a per-rank table of work and time
+per phase is printed, and kept in ``DIR/ranks.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from dcr_fast import fingerprint
+from dcr_fast import distributed, fingerprint
 from dcr_fast.data.files import load_prompts
 from dcr_fast.ntk.block import METHODS
 from dcr_fast.ntk.matrix import EntkMatrixConfig, entk_matrix
@@ -71,17 +79,24 @@ def run(args: argparse.Namespace) -> int:
         if name in groups:
             raise ValueError(f"--group {name!r} given twice; give each group once (one file per group)")
         groups[name] = load_prompts(source, f"--group {name}")
-    model, tokenizer = load(args, [p for prompts in groups.values() for p in prompts])
     config = {f.name: getattr(args, f.name) for f in fields(EntkMatrixConfig)}
     identity = None if args.model == TINY_MODEL else fingerprint.model_fingerprint(args.model)
-    result = entk_matrix(model, tokenizer, groups, out_dir=args.out, identity=identity, overwrite=args.overwrite,
-                         **config)
+    with distributed.process_group(args.device) as device:  # under torchrun: one rank per device
+        model, tokenizer = load(args, [p for prompts in groups.values() for p in prompts], device)
+        result = entk_matrix(model, tokenizer, groups, out_dir=args.out, identity=identity,
+                             overwrite=args.overwrite, **config)
+        main = distributed.is_main()
+    if not main:
+        return 0
     width = max(len(n) for n in result.group_names)
     print(f"normalized eNTK means (rows x', columns x), {len(result.labels)} prompts, method {args.method}:")
     print(" " * width + "  " + "  ".join(f"{n[:10]:>10}" for n in result.group_names))
     for name, row in zip(result.group_names, result.means):
         print(f"{name:>{width}}  " + "  ".join(f"{v:10.4f}" for v in row))
     print(f"wrote {Path(args.out) / 'matrix.npy'}, means.json, heatmap.png")
+    if result.ranks is not None:
+        print(f"work and seconds per rank (also in {Path(args.out) / 'ranks.json'}):")
+        print_ranks(result.ranks)
     return 0
 
 
@@ -92,11 +107,19 @@ def parse_group(spec: str) -> tuple[str, str]:
     return name, source
 
 
-def load(args: argparse.Namespace, prompts: list[str]):
-    from dcr_fast import models
-    from dcr_fast.runtime import resolve_device, resolve_dtype
+def print_ranks(ranks: list[dict]) -> None:
+    """Each rank's share of the work and its seconds per phase, one line a rank."""
+    phases = list(ranks[0]["seconds"])
+    print(f"{'rank':>4} {'chunks':>6} {'blocks':>6} {'pairs':>8} {'sent MB':>8}  " + " ".join(f"{p:>9}" for p in phases))
+    for r in ranks:
+        print(f"{r['rank']:>4} {r['feature_chunks']:>6} {r['blocks']:>6} {r['pairs']:>8} {r['sent_bytes'] / 1e6:>8.1f}  "
+              + " ".join(f"{r['seconds'].get(p, 0.0):>8.2f}s" for p in phases))
 
-    device = resolve_device(args.device)
+
+def load(args: argparse.Namespace, prompts: list[str], device):
+    from dcr_fast import models
+    from dcr_fast.runtime import resolve_dtype
+
     if args.model == TINY_MODEL:
         from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
