@@ -77,8 +77,9 @@ def process_group(device_name: str) -> Iterator[torch.device]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", device_id=
-                            device if device.type == "cuda" else None)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     try:
         yield device
     finally:
