@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+SHARDINGS = ("ddp", "fsdp")  # how dcr_fast.train.parallel wraps the model across ranks
 
 
 @dataclasses.dataclass
@@ -32,7 +33,8 @@ class TrainConfig:
     dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype: float32, bfloat16, float16"})
     bf16_autocast: bool = dataclasses.field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)"})
     attn_implementation: str = dataclasses.field(default="auto", metadata={"help": "auto (flash-attn 2 if installed, else sdpa), sdpa, eager"})
-    device: str = "auto"
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda (under torchrun: each rank's cuda:LOCAL_RANK)"})
+    sharding: str = dataclasses.field(default="ddp", metadata={"help": "under torchrun: ddp (replicated model; LoRA, small models) or fsdp (parameters, gradients and optimizer state sharded; full-parameter training of large models)"})
     save_every: int = dataclasses.field(default=50, metadata={"help": "checkpoint every N optimizer steps (and at the end)"})
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "stop after N optimizer steps (schedule unchanged; resume later)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
@@ -45,6 +47,11 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give one; --resume continues the run in OUT, --overwrite replaces it")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding: expected one of {SHARDINGS}, got {self.sharding!r}")
+        if self.sharding == "fsdp" and self.lora:
+            raise ValueError("sharding: fsdp is for full-parameter training; LoRA adapters are a few MB, "
+                             "use ddp (or --no-lora)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule: expected cosine, linear or constant, got {self.lr_schedule!r}")
 
