@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dcr_fast import distributed
 from dcr_fast.config import save_yaml
 from dcr_fast.train.checkpoint import append_jsonl, restore, save_checkpoint, truncate_log
 from dcr_fast.train.config import TrainConfig
 from dcr_fast.train.outputs import clear_previous_run
+from dcr_fast.train.parallel import Parallel, full
 
 IGNORE_INDEX = -100
 
@@ -60,6 +62,7 @@ def run_steps(
     config: TrainConfig,
     out_dir: str,
     desc: str,
+    parallel: Parallel | None = None,
 ) -> dict[str, Any]:
     """The optimizer loop shared by both stages, read top-down.
 
@@ -67,7 +70,13 @@ def run_steps(
     returns a loss already scaled so that the sum over a step's micro-batches is the step loss
     (gradient accumulation spelled out). Returns the run summary, which ``finish_run``
     completes and writes.
+
+    Across ranks (``parallel`` from :func:`~dcr_fast.train.parallel.parallelize`), ``plan``
+    holds this rank's micro-batches and their losses are its shares: the logged numbers are
+    summed over ranks, and rank 0 writes the log, the config and the checkpoints.
     """
+    parallel = parallel or Parallel(model, torch.device("cpu"))
+    main = distributed.is_main()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check the layer / LoRA settings")
@@ -81,38 +90,46 @@ def run_steps(
     start = 0
     if config.resume and os.path.exists(checkpoint_path):
         start = restore(checkpoint_path, model, optimizer, config)
-        truncate_log(log_path, start)
-    else:
+        if main:
+            truncate_log(log_path, start)
+    elif main:
         clear_previous_run(out_dir)
-    save_yaml(config, os.path.join(out_dir, "config.yaml"))
+    if main:
+        save_yaml(config, os.path.join(out_dir, "config.yaml"))
 
     stop = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     model.train()
     losses: list[float] = []
     tokens_total, started = 0, time.perf_counter()
-    bar = tqdm(range(start, stop), desc=desc, initial=start, total=total_steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start, stop), desc=desc, initial=start, total=total_steps, unit="step", dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         step_started = time.perf_counter()
         lr = get_lr(step, base_lr=config.lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss, step_tokens, metrics = 0.0, 0, {}
-        for micro in plan[step]:
-            result = micro_step(micro)
-            result.loss.backward()
+        for index, micro in enumerate(plan[step]):
+            with parallel.accumulating(sync=index == len(plan[step]) - 1):
+                result = micro_step(micro)
+                result.loss.backward()
             step_loss += result.loss.item()
             step_tokens += result.tokens
             for key, value in result.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if parallel.world > 1:
+            step_loss, step_tokens, *totals = parallel.sum([step_loss, step_tokens, *metrics.values()])
+            step_tokens, metrics = int(step_tokens), dict(zip(metrics, totals))
         elapsed = time.perf_counter() - step_started
         tokens_total += step_tokens
         losses.append(step_loss)
         record = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                   "tokens_per_s": step_tokens / elapsed, **metrics}
-        append_jsonl(log_path, record)
+        if main:
+            append_jsonl(log_path, record)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / elapsed:,.0f}")
         done = step + 1
         if done == stop or (config.save_every and done % config.save_every == 0):
