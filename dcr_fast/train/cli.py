@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from dcr_fast import distributed
 from dcr_fast.config import add_config_arguments, config_from_args
 from dcr_fast.train.config import TrainConfig
 from dcr_fast.train.outputs import check_output_folder
@@ -29,8 +30,12 @@ def register_stage(subparsers, name: str, *, help: str, description: str, config
     add_config_arguments(parser, config_cls)
 
     def run(args: argparse.Namespace) -> int:
-        summary = runner(config_from_args(config_cls, args, section=name))
-        print_summary(name, {k: v for k, v in summary.items() if k != "config"})
+        config = config_from_args(config_cls, args, section=name)
+        with distributed.process_group(config.device):  # under torchrun: one rank per device
+            summary = runner(config)
+            main = distributed.is_main()
+        if main:
+            print_summary(name, {k: v for k, v in summary.items() if k != "config"})
         return 0
 
     parser.set_defaults(func=run, resume_hint="rerun with --resume to continue from the last checkpoint in OUT")

@@ -16,9 +16,10 @@ import os
 import shutil
 from typing import Any
 
-from dcr_fast import atomic
+from dcr_fast import atomic, distributed
 from dcr_fast.config import config_to_dict
 from dcr_fast.train.config import TrainConfig
+from dcr_fast.train.parallel import full_model_state
 
 
 # Everything a run writes into its output folder.
@@ -54,12 +55,16 @@ def clear_previous_run(out_dir: str) -> None:
 
 
 def finish_run(summary: dict[str, Any], model, tokenizer, config: TrainConfig) -> dict[str, Any]:
-    """Save the trained model once the plan is done, and write ``OUT/summary.json`` with the config."""
+    """Save the trained model once the plan is done, and write ``OUT/summary.json`` with the config.
+
+    Across ranks, rank 0 writes (FSDP's shards gathered to it first); every rank returns the summary.
+    """
     if summary["finished"]:
         model.eval()
         summary["outputs"] = save_trained_model(model, tokenizer, config.out, lora=config.lora)
     summary["config"] = config_to_dict(config)
-    atomic.write_json(os.path.join(config.out, "summary.json"), summary)
+    if distributed.is_main():
+        atomic.write_json(os.path.join(config.out, "summary.json"), summary)
     return summary
 
 
@@ -69,17 +74,18 @@ def save_trained_model(model, tokenizer, out_dir: str, lora: bool) -> dict[str, 
     The full model (``out_dir/model``, adapters merged) loads with ``from_pretrained``.
     Merging changes ``model`` in place, so call this last.
     """
-    paths = {}
+    paths = {"model": os.path.join(out_dir, "model")}
     if lora:
-        adapter = os.path.join(out_dir, "adapter")
-        with atomic.directory(adapter) as tmp:
+        paths = {"adapter": os.path.join(out_dir, "adapter"), **paths}
+    state = full_model_state(model)  # gathered by every rank, received by rank 0
+    if not distributed.is_main():
+        return paths
+    if lora:
+        with atomic.directory(paths["adapter"]) as tmp:
             model.save_pretrained(tmp)
-        paths["adapter"] = adapter
         model = model.merge_and_unload()
-    merged = os.path.join(out_dir, "model")
-    with atomic.directory(merged) as tmp:
-        model.save_pretrained(tmp)
+    with atomic.directory(paths["model"]) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-    paths["model"] = merged
     return paths
 
