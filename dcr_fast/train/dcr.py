@@ -18,6 +18,11 @@ prompts of the same subset together and pushes seemingly toxic and toxic prompts
   the forward pass already computes their logits (the gradient reaches layers <= l through
   the frozen top, anchoring the refined layers to the model's own language modelling).
 * Batches are packed padding-free, like SFT: one row, position ids restarting per prompt.
+* Across ranks (``torchrun``; :mod:`dcr_fast.train.parallel`): each batch is cut into equal
+  shares holding both subsets (:func:`rank_shares`; ``batch_size`` must divide among the
+  ranks), each rank embeds its share, and every rank computes the Circle loss of the whole
+  batch on the gathered embeddings (:func:`dcr_fast.distributed.gather_rows`), so the step
+  equals one process's on the same batch.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import torch
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.chat import encode_prompt
 from dcr_fast.data.files import check_source, load_prompts
-from dcr_fast import models
-from dcr_fast.runtime import resolve_device, set_seed
+from dcr_fast import distributed, models
+from dcr_fast.distributed import gather_rows
+from dcr_fast.runtime import set_seed
 from dcr_fast.train.cli import check_model_and_out, register_stage
 from dcr_fast.train.config import TrainConfig
 from dcr_fast.train.loop import IGNORE_INDEX, StepResult, run_steps
 from dcr_fast.train.outputs import finish_run
+from dcr_fast.train.parallel import local, parallelize
 
 
 @dataclasses.dataclass
@@ -79,37 +86,51 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
     if both:
         raise ValueError(f"seemingly_toxic/toxic: {len(both)} prompt(s) are in both subsets, e.g. {sorted(both)[0]!r}")
     set_seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.rank_device(config.device)
     model, tokenizer = models.load(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
+    base = model
     frozen = freeze_above(model, config.layer, freeze_embeddings=config.freeze_embeddings)
-    snapshot = {name: p.detach().clone() for name, p in frozen.items()}
     if config.lora:
         model = _attach_lora(model, config)
     encoded = [[encode_prompt(tokenizer, p, config.system_prompt)[-config.max_length :] for p in prompts] for prompts in subsets]
     plan = plan_batches(len(encoded[0]), len(encoded[1]), config)
+    check_shares(config, distributed.world_size())
+    parallel = parallelize(model, config.sharding, device)
+    # Looked up after wrapping (FSDP replaces parameters); peft leaves the frozen ones' names alone.
+    frozen = {name: dict(base.named_parameters())[name] for name in frozen}
+    snapshot = {name: local(p).detach().clone() for name, p in frozen.items()}
     loss_fn = CircleLoss(m=config.margin, gamma=config.gamma, variant=config.variant)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16_autocast)
 
     def micro_step(batch: list[tuple[int, int]]) -> StepResult:
-        prompts = [encoded[subset][i] for subset, i in batch]
+        # Across ranks each embeds its share of the batch; every rank then computes the Circle
+        # loss of the whole batch on the gathered rows, put back in batch order, and the
+        # ranks' shares of the loss (1/W of it, and their prompts' NLL) sum to the batch's loss.
+        shares = rank_shares(batch, parallel.world)
+        order = torch.argsort(torch.tensor([position for share in shares for position in share], device=device))
+        prompts = [encoded[subset][i] for subset, i in (batch[p] for p in shares[parallel.rank])]
         labels = torch.tensor([subset for subset, _ in batch], device=device)
+        targets = sum(len(encoded[subset][i]) - 1 for subset, i in batch)
         with autocast:
-            embeddings, nll = prompt_embeddings(model, prompts, config.layer, device=device)
-            circle = loss_fn(embeddings.float(), labels)
+            embeddings, nll_sum = parallel(prompt_embeddings, prompts, config.layer, device=device)
+            circle = loss_fn(gather_rows(embeddings.float())[order], labels) / parallel.world
+        nll = nll_sum / targets
         loss = circle + config.nll_weight * nll
         return StepResult(loss=loss, tokens=sum(map(len, prompts)), metrics={"circle": circle.item(), "nll": nll.item()})
 
-    summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="dcr")
-    changed = sorted(name for name, p in frozen.items() if not torch.equal(p.detach(), snapshot[name]))
-    if changed:
-        raise RuntimeError(f"frozen parameters changed during DCR training: {changed[:5]}")
+    summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="dcr",
+                        parallel=parallel)
+    changed = sorted(name for name, p in frozen.items() if not torch.equal(local(p).detach(), snapshot[name]))
+    if distributed.any_rank(bool(changed), device):
+        raise RuntimeError(f"frozen parameters changed during DCR training: {changed[:5] or 'on another rank'}")
     summary.update({"prompts": {"seemingly_toxic": len(encoded[0]), "toxic": len(encoded[1])},
                     "frozen_parameters_verified": len(frozen)})
     return finish_run(summary, model, tokenizer, config)
 
 
 def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer-``layer`` hidden states at each prompt's last position, and the prompts' mean NLL.
+    """Layer-``layer`` hidden states at each prompt's last position, and the prompts' summed
+    next-token NLL (``len(p) - 1`` targets a prompt).
 
     The prompts are packed into one padding-free row; position ids restart per prompt.
     """
@@ -119,7 +140,8 @@ def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: to
     out = model(input_ids=input_ids, position_ids=positions, use_cache=False, output_hidden_states=True)
     last = torch.tensor([len(p) for p in prompts], device=device).cumsum(0) - 1
     embeddings = out.hidden_states[layer][0, last]
-    nll = torch.nn.functional.cross_entropy(out.logits[0].float(), targets[0], ignore_index=IGNORE_INDEX)
+    logits = out.logits[0].to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up, float64 kept
+    nll = torch.nn.functional.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
     return embeddings, nll
 
 
@@ -154,8 +176,7 @@ def plan_batches(n_seemingly: int, n_toxic: int, config: DCRConfig) -> list[list
     from its own stream of permutations (seeded), so the smaller subset repeats within an
     epoch rather than leaving batches without negatives.
     """
-    n_first = min(max(2, round(config.batch_size * config.balance)), config.batch_size - 2)
-    quota = (n_first, config.batch_size - n_first)
+    quota = _quota(config)
     generator = torch.Generator().manual_seed(config.seed)
     streams: list[list[int]] = [[], []]
     sizes = (n_seemingly, n_toxic)
@@ -174,6 +195,44 @@ def plan_batches(n_seemingly: int, n_toxic: int, config: DCRConfig) -> list[list
 
     steps = math.ceil(config.epochs * math.ceil((n_seemingly + n_toxic) / config.batch_size))
     return [[[(s, i) for s in (0, 1) for i in draw(s, quota[s])]] for _ in range(steps)]
+
+
+def rank_shares(batch: list[tuple[int, int]], world: int) -> list[list[int]]:
+    """``batch`` cut into ``world`` equal shares (positions in the batch), each with prompts of
+    both subsets.
+
+    Each subset's prompts are dealt out in runs as even as possible (the first ranks take one
+    more when they do not divide), the second subset filling each share up to its size;
+    :func:`check_shares` guarantees both subsets in every share.
+    """
+    subsets = [[p for p, (subset, _) in enumerate(batch) if subset == s] for s in (0, 1)]
+    size, (first, second) = len(batch) // world, subsets
+    shares, a, b = [], 0, 0
+    for r in range(world):
+        n = len(first) // world + (r < len(first) % world)
+        shares.append(first[a : a + n] + second[b : b + size - n])
+        a, b = a + n, b + size - n
+    return shares
+
+
+def check_shares(config: DCRConfig, world: int) -> None:
+    """Refuse a batch that ``world`` ranks cannot share equally with both subsets in each share."""
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: {config.batch_size} does not divide among {world} ranks; "
+                         f"use a multiple of {world}")
+    n_first, n_second = _quota(config)
+    batch = [(0, i) for i in range(n_first)] + [(1, i) for i in range(n_second)]
+    for share in rank_shares(batch, world):
+        if {batch[p][0] for p in share} != {0, 1}:
+            raise ValueError(f"batch_size: {config.batch_size} prompts ({n_first} seemingly toxic, {n_second} toxic) "
+                             f"across {world} ranks leave a rank without one subset; use a larger batch_size "
+                             "or a balance nearer 0.5")
+
+
+def _quota(config: DCRConfig) -> tuple[int, int]:
+    """Seemingly toxic and toxic prompts per batch: ``balance`` of it, at least two of each."""
+    n_first = min(max(2, round(config.batch_size * config.balance)), config.batch_size - 2)
+    return n_first, config.batch_size - n_first
 
 
 def _attach_lora(model, config: DCRConfig):

@@ -15,6 +15,10 @@ logits of a long micro-batch never exist whole (each chunk is recomputed in back
 or flash-attn 2 when installed; bf16 autocast on CUDA; optional gradient checkpointing. The
 loss of an optimizer step is the mean over all response tokens of its 128 examples, so
 packing and accumulation do not change the numbers (tested against the padded computation).
+
+Across ranks (``torchrun``; :mod:`dcr_fast.train.parallel`) each optimizer step's examples are
+divided among the ranks (:func:`rank_share`) and the loss stays the mean over all the step's
+response tokens, so the step equals one process's.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from torch.utils.checkpoint import checkpoint
 
 from dcr_fast.chat import encode_example, encode_prompt
 from dcr_fast.data.files import check_source, load_pairs
-from dcr_fast import models
-from dcr_fast.runtime import resolve_device, set_seed
+from dcr_fast import distributed, models
+from dcr_fast.runtime import set_seed
 from dcr_fast.train.cli import check_model_and_out, register_stage
 from dcr_fast.train.config import TrainConfig
 from dcr_fast.train.loop import IGNORE_INDEX, StepResult, run_steps
 from dcr_fast.train.outputs import finish_run
+from dcr_fast.train.parallel import parallelize
 
 
 @dataclasses.dataclass
@@ -78,22 +83,24 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     _check_inputs(config)
     pairs = [pair for name in _DATA_FIELDS for source in getattr(config, name) for pair in load_pairs(source, name)]
     set_seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.rank_device(config.device)
     model, tokenizer = models.load(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
     examples = tokenize_examples(tokenizer, pairs, config)
     model = prepare_model(model, config)
     plan = plan_steps(len(examples), config)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16_autocast)
     step_tokens = _response_tokens_per_step(plan, examples)
+    parallel = parallelize(model, config.sharding, device)
 
-    def micro_step(micro: tuple[int, list[int]]) -> StepResult:
-        step, indices = micro
+    def micro_step(micro: tuple[int, list[int], float]) -> StepResult:
+        step, indices, weight = micro
         batch = [examples[i] for i in indices]
         with autocast:
-            loss_sum = sft_loss_sum(model, batch, packed=config.packing, device=device, chunk=config.loss_chunk)
-        return StepResult(loss=loss_sum / step_tokens[step], tokens=sum(len(e.input_ids) for e in batch))
+            loss_sum = parallel(sft_loss_sum, batch, packed=config.packing, device=device, chunk=config.loss_chunk)
+        return StepResult(loss=loss_sum * weight / step_tokens[step], tokens=int(weight) * sum(len(e.input_ids) for e in batch))
 
-    summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="sft")
+    summary = run_steps(model=model, plan=rank_share(plan, config, distributed.rank(), distributed.world_size()),
+                        micro_step=micro_step, config=config, out_dir=config.out, desc="sft", parallel=parallel)
     summary["examples"] = len(examples)
     return finish_run(summary, model, tokenizer, config)
 
@@ -163,6 +170,26 @@ def plan_steps(num_examples: int, config: SFTConfig) -> list[list[tuple[int, lis
         chunk = order[begin : begin + per_step]
         steps.append([(step, chunk[i : i + config.micro_batch_size]) for i in range(0, len(chunk), config.micro_batch_size)])
     return steps
+
+
+def rank_share(plan, config: SFTConfig, rank: int, world: int) -> list[list[tuple[int, list[int], float]]]:
+    """This rank's micro-batches of each step, as (step, example indices, weight).
+
+    A step's examples, in plan order, are cut into ``world`` contiguous runs of near-equal size
+    (the first ranks take one more), each run into micro-batches of ``micro_batch_size``; in one
+    process that is the plan itself. Weights are 1, except where a run is empty (a last step
+    with fewer examples than ranks): that rank runs the step's first example with weight 0,
+    since DDP and FSDP need every rank in every step's collectives.
+    """
+    shares = []
+    for micro_batches in plan:
+        step = micro_batches[0][0]
+        order = [i for _, indices in micro_batches for i in indices]
+        start = sum(len(order) // world + (r < len(order) % world) for r in range(rank))
+        run = order[start : start + len(order) // world + (rank < len(order) % world)]
+        size = config.micro_batch_size
+        shares.append([(step, run[i : i + size], 1.0) for i in range(0, len(run), size)] or [(step, order[:1], 0.0)])
+    return shares
 
 
 def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.device, chunk: int = 0,
