@@ -201,6 +201,7 @@ def sharded_matrix(
 
     report = {
         "rank": me, "world": world, "feature_chunks": len(plan.chunks_of(me)),
+        "feature_bytes": sum(_nbytes(metas[c]) for c in plan.chunks_of(me)),
         "blocks": len(mine), "pairs": pairs, "blocks_read_back": len(read_back),
         "sent_bytes": sum(_nbytes(metas[c]) for step in range(plan.steps - 1) for c in plan.sends(me, step)),
         "seconds": phases.seconds,
