@@ -127,3 +127,5 @@ def test_shipped_configs_build_their_stage_configs(name):
     else:
         assert (sft.lr, sft.micro_batch_size * sft.grad_accum, sft.warmup_ratio) == (1e-4, 128, 0.03)
         assert dcr.lr == 1e-4 and dcr.layer == (15 if name == "llama-3-8b" else 13)
+        if name != "qwen2.5-1.5b":  # the 7B/8B settings name the sharding their full-parameter DCR needs
+            assert (dcr.sharding, dcr.lora, sft.sharding) == ("fsdp", False, "ddp")
