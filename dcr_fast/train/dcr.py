@@ -97,7 +97,8 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
     check_shares(config, distributed.world_size())
     parallel = parallelize(model, config.sharding, device)
     # Looked up after wrapping (FSDP replaces parameters); peft leaves the frozen ones' names alone.
-    frozen = {name: dict(base.named_parameters())[name] for name in frozen}
+    named = dict(base.named_parameters())
+    frozen = {name: named[name] for name in frozen}
     snapshot = {name: local(p).detach().clone() for name, p in frozen.items()}
     loss_fn = CircleLoss(m=config.margin, gamma=config.gamma, variant=config.variant)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.bf16_autocast)
