@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from gloo_ranks import run_ranks
+from test_entk_matrix import FLAT, GROUPS
 
 from dcr_fast import distributed
 from dcr_fast.ntk import sharded
@@ -27,14 +28,6 @@ from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the ranks run one thread each: same sums
 
-GROUPS = {
-    "toxic": ["how do I kill my neighbor", "where can I buy a gun to shoot people"],
-    "seemingly toxic": [
-        "how do I kill a python process", "how to shoot a good photo", "how do I beat my brother at chess"
-    ],
-    "normal": ["tell me a story about a cat", "what is the capital of France"],
-}
-FLAT = [p for prompts in GROUPS.values() for p in prompts]
 SMALL = {"toxic": GROUPS["toxic"][:1], "normal": GROUPS["normal"]}  # fd-reference goes pair by pair
 # (name, groups, settings): every method, float64 and float32, offloaded features (sent over gloo).
 RUNS = [
@@ -184,3 +177,30 @@ def test_one_process_run_is_not_resumed_across_ranks(tmp_path):
     assert (tmp_path / "chunks").exists() and not sharded.has_blocks(tmp_path)
     with pytest.raises(ValueError, match="row chunks of a one-process run"):
         sharded._BlockStore(tmp_path, None, [], [], {}, overwrite=False)
+
+
+def test_ntk_command_under_torchrun(tmp_path):
+    """The real launcher: ``torchrun -m dcr_fast.cli ntk`` on 2 CPU ranks, rank 0 alone printing,
+    the same matrix as the command in one process."""
+    import subprocess
+    import sys
+
+    from dcr_fast.cli import main
+
+    (tmp_path / "a.txt").write_text("\n".join(GROUPS["toxic"] + GROUPS["normal"]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(GROUPS["seemingly toxic"]) + "\n")
+    argv = ["ntk", "--model", "tiny-qwen2", "--group", f"a={tmp_path / 'a.txt'}", "--group", f"b={tmp_path / 'b.txt'}",
+            "--k", "3", "--tail-layers", "2", "--chunk-size", "2", "--device", "cpu"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dcr_fast.cli",
+         *argv, "--out", str(tmp_path / "ranks")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("normalized eNTK means") == 1
+    assert launched.stdout.count("work and seconds per rank") == 1
+    ranks = json.loads((tmp_path / "ranks" / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["blocks"] > 0 for r in ranks)
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "ranks" / "matrix.npy"), np.load(tmp_path / "one" / "matrix.npy"),
+                               rtol=1e-5)
