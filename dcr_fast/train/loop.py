@@ -88,6 +88,7 @@ def run_steps(
     log_path = os.path.join(out_dir, "log.jsonl")
 
     start = 0
+    distributed.barrier()  # every rank has checked OUT (and read what it resumes) before rank 0 changes it
     if config.resume and os.path.exists(checkpoint_path):
         start = restore(checkpoint_path, model, optimizer, config)
         if main:
