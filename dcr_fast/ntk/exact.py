@@ -21,6 +21,12 @@ prompt and contracts them in batches. Rows where δ is zero for every probe are 
 (in the last tail layer the MLP, o_proj and q_proj only see the last position).
 Arithmetic runs in the compute dtype of :mod:`dcr_fast.ntk.tail` (fp32, or fp64).
 
+The probes need not be logits: :func:`readout_features` records the same features for any
+scalar functions of the tail's output (a :data:`~dcr_fast.ntk.tail.Readout`: a refusal
+probability, a response's summed loss), so the same Gram gives ⟨∇_{θ_S} s(x'), ∇_{θ_S} s'(x)⟩.
+Their cotangents on the logits are dense, so lm_head has no closed form there and is treated
+as one more linear layer (ghost or materialized by the same rule).
+
 Why not forward-mode JVP: one JVP gives one column J(x')·w for one pair, so a pair costs k
 tail passes with tangents however the w are shared, while the Gram's per-pair cost is a
 contraction of stored features. Measured on the CPU (2 cores, the ``cpu-tiny`` benchmark
@@ -45,12 +51,15 @@ from torch import nn
 
 from dcr_fast.ntk.tail import (
     PrefixCache,
+    Readout,
     TailSpec,
+    last_logits,
     pad_prompts,
     run_prefix,
     tail_logits,
     tail_modules,
     tail_parameters,
+    tail_readout,
 )
 
 
@@ -89,7 +98,7 @@ class ProbeFeatures:
     parameter's gradient reads it through :meth:`dense_slices`, never by offset.
     """
 
-    tokens: torch.Tensor  # (n, k) probe token ids
+    tokens: torch.Tensor | None  # (n, k) probe token ids; None for readout features
     linears: list[LinearFeatures]  # one per weight matrix in the tail layers, in tail_modules order
     dense: torch.Tensor  # (n, k, P) materialized gradients: norm weights, then linear biases
     dense_layout: tuple[tuple[str, int], ...]  # (θ_S name, size) of each slice of dense, in order
@@ -97,7 +106,7 @@ class ProbeFeatures:
 
     @property
     def n(self) -> int:
-        return self.tokens.shape[0]
+        return self.dense.shape[0]
 
     def dense_slices(self) -> dict[str, torch.Tensor]:
         """``{θ_S name: (n, k, size) view of dense}``, in layout order."""
@@ -126,7 +135,7 @@ class ProbeFeatures:
         a then delta, dense, head (what sends features between ranks relies on)."""
         return replace(
             self,
-            tokens=fn(self.tokens),
+            tokens=None if self.tokens is None else fn(self.tokens),
             linears=[LinearFeatures(fn(f.a), fn(f.delta)) for f in self.linears],
             dense=fn(self.dense),
             head=None if self.head is None else fn(self.head),
@@ -147,36 +156,67 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
     One tail forward over the n prompts, then one backward per probe index j (k in all), each
     seeding z[p, tokens[p, j]] for every prompt p at once.
     """
-    n, k = tokens.shape
+    n, _ = tokens.shape
     if n != cache.batch_size:
         raise ValueError(f"tokens must have one row per cached prompt ({cache.batch_size}), got {n}")
+
+    def logits_at_tokens(hidden, cache, project):
+        return last_logits(hidden, cache, project).gather(1, tokens)
+
+    _, features = _record(model, spec, cache, logits_at_tokens, head_closed_form=True)
+    return replace(features, tokens=tokens)
+
+
+def readout_features(
+    model: nn.Module, spec: TailSpec, cache: PrefixCache, readout: Readout
+) -> tuple[torch.Tensor, ProbeFeatures]:
+    """Values (n, k) and probe features of k scalar functions per prompt, ``readout``'s columns.
+
+    ``readout`` is a :data:`~dcr_fast.ntk.tail.Readout` returning (n, k), e.g. a refusal
+    probability or a response's summed loss; it must call ``project`` once. The Gram of two
+    such feature sets is ⟨∇_{θ_S} s_j(x_p), ∇_{θ_S} s'_i(x_q)⟩. The output projection is then a
+    linear layer like the others (its cotangents are whatever the readout makes them, not
+    one-hot), recorded last in ``linears``, and ``tokens`` and ``head`` are None.
+    """
+    return _record(model, spec, cache, readout, head_closed_form=False)
+
+
+def _record(
+    model: nn.Module, spec: TailSpec, cache: PrefixCache, readout: Readout, *, head_closed_form: bool
+) -> tuple[torch.Tensor, ProbeFeatures]:
+    """One tail forward to ``readout``'s (n, k) values, one backward per column, and the features.
+
+    With ``head_closed_form`` (logit probes) lm_head's input h is kept for the closed form of
+    :func:`probe_gram`; otherwise lm_head is recorded as a linear layer.
+    """
+    n = cache.batch_size
     linears, norms = tail_modules(model, spec)
+    head = model.get_output_embeddings()
+    if spec.include_lm_head and not head_closed_form:
+        linears = {**linears, spec.lm_head_name: head}
     params = tail_parameters(model, spec)
-    # Each prompt gets its own copy of every norm weight, broadcast over positions (the final
-    # norm sees only the last position), so autograd hands back per-prompt gradients.
-    final_norm = f"{spec.base_prefix}.norm.weight"
-    norm_params = {
-        name: params[name].expand(n, *(() if name == final_norm else (1,)), -1).clone().requires_grad_(True)
-        for name in norms
-    }
+    # Each prompt gets its own copy of every norm weight, broadcast over positions, so
+    # autograd hands back per-prompt gradients.
+    norm_params = {name: params[name].expand(n, 1, -1).clone().requires_grad_(True) for name in norms}
     params.update(norm_params)
 
     records: dict[str, dict[str, list[torch.Tensor]]] = {name: {"a": [], "delta": []} for name in linears}
     handles = [module.register_forward_hook(_recorder(records[name])) for name, module in linears.items()]
     head_input: list[torch.Tensor] = []
-    if spec.include_lm_head:
-        handles.append(model.get_output_embeddings().register_forward_hook(
-            lambda _m, inp, _out: head_input.append(inp[0].detach())
-        ))
+    if spec.include_lm_head and head_closed_form:
+        handles.append(head.register_forward_hook(lambda _m, inp, _out: head_input.append(inp[0][:, 0].detach())))
     try:
         with torch.enable_grad():
             hidden = cache.hidden.detach().requires_grad_(True)
-            z = tail_logits(model, spec, PrefixCache(hidden, cache.layer_kwargs, cache.last_index), params)
+            values = tail_readout(model, spec, PrefixCache(hidden, cache.layer_kwargs, cache.last_index), readout, params)
+            if values.dim() != 2 or values.shape[0] != n:
+                raise ValueError(f"the readout must return (n={n}, k) values, got shape {tuple(values.shape)}")
+            k = values.shape[1]
             # Differentiating w.r.t. the tail's input as well makes every tail linear's
             # cotangent hook fire even when θ_S has no norm weights.
             grads = [
                 torch.autograd.grad(
-                    z.gather(1, tokens[:, j : j + 1]).sum(), [hidden, *norm_params.values()], retain_graph=j < k - 1
+                    values[:, j].sum(), [hidden, *norm_params.values()], retain_graph=j < k - 1
                 )[1:]
                 for j in range(k)
             ]
@@ -188,11 +228,13 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
     dense = {name: torch.stack([g[i] for g in grads], dim=1).reshape(n, k, -1) for i, name in enumerate(norm_params)}
     for name, module in linears.items():
         delta = torch.stack(records[name]["delta"], dim=1)  # (n, k, T, d_out)
-        features.append(_drop_zero_rows(records[name]["a"][0], delta, cache.lengths))
+        # lm_head's rows are the readout's positions, not the prompt's: no padding to mask.
+        lengths = None if module is head else cache.lengths
+        features.append(_drop_zero_rows(records[name]["a"][0], delta, lengths))
         if module.bias is not None and f"{name}.bias" in params:
             dense[f"{name}.bias"] = delta.sum(dim=2)
-    return ProbeFeatures(
-        tokens=tokens,
+    return values.detach(), ProbeFeatures(
+        tokens=None,
         linears=features,
         dense=torch.cat(list(dense.values()), dim=2) if dense else hidden.new_zeros(n, k, 0),
         dense_layout=tuple((name, g.shape[2]) for name, g in dense.items()),
@@ -201,9 +243,22 @@ def probe_features(model: nn.Module, spec: TailSpec, cache: PrefixCache, tokens:
 
 
 def probe_gram(left: ProbeFeatures, right: ProbeFeatures) -> torch.Tensor:
-    """K[p, q, j, i] = ⟨∇z_{left.tokens[p,j]}(x_p), ∇z_{right.tokens[q,i]}(x_q)⟩, shape (n, n', k, k')."""
-    n_l, k_l = left.tokens.shape
-    n_r, k_r = right.tokens.shape
+    """K[p, q, j, i] = ⟨∇z_{left.tokens[p,j]}(x_p), ∇z_{right.tokens[q,i]}(x_q)⟩, shape (n, n', k, k').
+
+    For readout features (:func:`readout_features`) the gradients are those of the readouts'
+    scalars. Both sides must come from the same θ_S and the same kind of probe.
+    """
+    if (
+        len(left.linears) != len(right.linears)
+        or (left.head is None) != (right.head is None)
+        or left.dense_layout != right.dense_layout
+    ):
+        raise ValueError(
+            "probe_gram: the two feature sets were recorded for different θ_S or probe kinds "
+            "(logit-token probes and readouts do not mix)"
+        )
+    n_l, k_l = left.dense.shape[:2]
+    n_r, k_r = right.dense.shape[:2]
     K = (left.dense.reshape(n_l * k_l, -1) @ right.dense.reshape(n_r * k_r, -1).T)
     K = K.reshape(n_l, k_l, n_r, k_r).permute(0, 2, 1, 3)
     for fl, fr in zip(left.linears, right.linears):
@@ -253,11 +308,13 @@ def _recorder(store: dict[str, list[torch.Tensor]]):
     return hook
 
 
-def _drop_zero_rows(a: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor) -> LinearFeatures:
-    """Keep only positions where some probe has a nonzero cotangent (and that are not padding)."""
+def _drop_zero_rows(a: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor | None) -> LinearFeatures:
+    """Keep only positions where some probe has a nonzero cotangent (and, given ``lengths``,
+    that are not padding)."""
     _, k, t, _ = delta.shape
-    positions = torch.arange(t, device=a.device)
-    live = (delta != 0).any(dim=3).any(dim=1) & (positions[None, :] < lengths[:, None])
+    live = (delta != 0).any(dim=3).any(dim=1)
+    if lengths is not None:
+        live &= torch.arange(t, device=a.device)[None, :] < lengths[:, None]
     count = live.sum(dim=1)
     rows = max(int(count.max()), 1)
     order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)[:, :rows]

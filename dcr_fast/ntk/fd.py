@@ -79,6 +79,8 @@ def fd_blocks(
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     if not isinstance(max_rows, int) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+    if probes.tokens is None:
+        raise ValueError("probes must be logit-token features (probe_features), not readout features")
     if query_tokens.dim() != 2 or query_tokens.shape[0] != queries.batch_size:
         raise ValueError(
             f"query_tokens must be (n', k') with n' = {queries.batch_size} cached queries, "

@@ -28,6 +28,12 @@ Interface (what the other eNTK engines code against)
     (B, V) last-position logits from the cache, optionally at substituted parameters
     (``torch.func.functional_call`` with ``tie_weights=False``, so a tied lm_head is
     replaced only in its output-projection use). Differentiable w.r.t. ``params``.
+``s = tail_readout(model, spec, cache, readout, params=None)``
+    Any function of the tail's output instead of the last-position logits:
+    ``readout(hidden, cache, project)`` gets the last tail layer's output at every position
+    (B, T, d) and ``project``, which maps hidden states (B, P, d) through the final norm and
+    the output projection to logits (B, P, V). ``tail_logits`` is the readout
+    :func:`last_logits`; a response's summed loss or a refusal probability are others.
 ``w = tail_vjp(model, spec, cache_row, token_ids)``
     ``{name: (k, *shape)}``: w_i = ∇_{θ_S} z_i(x) for each token i of one prompt.
 ``linears, norms = tail_modules(model, spec)``
@@ -43,6 +49,7 @@ position_ids=)``), eager or SDPA attention, GQA, q/k/v biases, tied or untied lm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +93,10 @@ class PrefixCache:
             layer_kwargs={k: _select_rows(v, rows) for k, v in self.layer_kwargs.items()},
             last_index=self.last_index.index_select(0, rows),
         )
+
+
+# readout(hidden (B, T, d), cache, project: (B, P, d) -> logits (B, P, V)) -> any tensor; see the module doc.
+Readout = Callable[[torch.Tensor, PrefixCache, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
 def tail_spec(
@@ -212,14 +223,34 @@ def tail_logits(
     params: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Last-position logits (B, V) of the tail run from ``cache`` at θ_S = ``params``."""
+    return tail_readout(model, spec, cache, last_logits, params)
+
+
+def tail_readout(
+    model: nn.Module,
+    spec: TailSpec,
+    cache: PrefixCache,
+    readout: Readout,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``readout(hidden, cache, project)`` of the tail run from ``cache`` at θ_S = ``params``."""
     params = tail_parameters(model, spec) if params is None else params
     unknown = set(params) - set(spec.param_names)
     if unknown:
         raise ValueError(f"params has names outside θ_S: {sorted(unknown)[:3]}")
     runner = _TailRunner(model, spec)
     return functional_call(
-        runner, {f"model.{k}": v for k, v in _complete(model, spec, params).items()}, (cache,), tie_weights=False
+        runner,
+        {f"model.{k}": v for k, v in _complete(model, spec, params).items()},
+        (cache, readout),
+        tie_weights=False,
     )
+
+
+def last_logits(hidden: torch.Tensor, cache: PrefixCache, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The readout of :func:`tail_logits`: logits (B, V) at each row's last real position."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return project(hidden[rows, cache.last_index][:, None])[:, 0]
 
 
 def tail_vjp(
@@ -308,15 +339,14 @@ class _TailRunner(nn.Module):
         self.model = model
         self.spec = spec
 
-    def forward(self, cache: PrefixCache) -> torch.Tensor:
+    def forward(self, cache: PrefixCache, readout: Readout) -> torch.Tensor:
         base, _ = base_model(self.model)
         hidden = cache.hidden
         for i in self.spec.layer_indices:
             out = base.layers[i](hidden, **cache.layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = base.norm(hidden[rows, cache.last_index])
-        return self.model.get_output_embeddings()(last)
+        head = self.model.get_output_embeddings()
+        return readout(hidden, cache, lambda states: head(base.norm(states)))
 
 
 class _PrefixDone(Exception):
