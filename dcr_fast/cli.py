@@ -45,6 +45,7 @@ _SUBCOMMANDS = (
     "dcr_fast.train.sft",
     "dcr_fast.evaluation.cli",
     "dcr_fast.ntk.cli",
+    "dcr_fast.forecast.cli",
     "dcr_fast.bench_cli",
 )
 
