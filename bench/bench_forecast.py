@@ -11,7 +11,7 @@ Two presets:
   Both are timed; the brute force yields only the total per candidate, the forecast every
   (candidate, safety example) contribution.
 * ``smollm2`` — ``forecast`` timed end to end (prefix passes, probe features, Gram) on
-  SmolLM2-135M-Instruct (``--model``: a Hugging Face directory of it) with the first
+  SmolLM2-135M-Instruct (``--model``, by default the built-in one) with the first
   ``--candidates`` XSTest prompts and the first ``--safety`` Safety-Tuned LLaMAs safety pairs
   from ``--data`` (``/work/shared/data`` layout). Rows record pairs/s and the prompt lengths.
 
@@ -19,7 +19,7 @@ Rows go to ``bench/results/forecast-<device>.json`` (see ``bench/common.py``). R
 repository root:
 
     python -m bench.bench_forecast --preset tiny                 # ~1 min
-    python -m bench.bench_forecast --preset smollm2 --model DIR  # minutes on 2 CPU cores
+    python -m bench.bench_forecast --preset smollm2              # minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ForecastBenchConfig:
     param_sets: tuple[str, ...] = field(default=("tail", "lora"), metadata={"help": "tiny: parameter sets compared"})
     candidates: int = field(default=300, metadata={"help": "candidate prompts (tiny: 64 are used)"})
     safety: int = field(default=150, metadata={"help": "safety examples (tiny: 24 are used)"})
-    model: str = field(default="", metadata={"help": "smollm2: a Hugging Face directory of SmolLM2-135M-Instruct"})
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "smollm2: the model (a name dcr_fast.models.load takes)"})
     data: str = field(default="/work/shared/data", metadata={"help": "smollm2: the benchmark data root"})
     tail_layers: int = field(default=1, metadata={"help": "decoder layers in θ_S"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads)"})
@@ -119,18 +119,20 @@ def _tiny(config: ForecastBenchConfig, device: torch.device, results: ResultsFil
 
 
 def _smollm2(config: ForecastBenchConfig, device: torch.device, results: ResultsFile) -> list[Row]:
-    from dcr_fast.train.common import encode_prompt, load_model_and_tokenizer, load_pairs, load_prompts
+    from dcr_fast import models
+    from dcr_fast.chat import encode_prompt
+    from dcr_fast.data.files import load_pairs, load_prompts
 
     data = Path(config.data)
     stl = data / "safety_tuned_llamas" / "training" / "safety_only_data_Instructions.json"
     xstest = data / "xstest"
     case = {"model": "SmolLM2-135M-Instruct", "candidates": config.candidates, "safety": config.safety,
             "tail_layers": config.tail_layers, "dtype": "float32"}
-    if not config.model or not stl.exists() or not xstest.exists():
-        reason = "needs --model (SmolLM2-135M-Instruct directory) and --data with xstest and safety_tuned_llamas"
+    if not stl.exists() or not xstest.exists():
+        reason = "needs --data with xstest and safety_tuned_llamas"
         row = Row(BENCH, "forecast", "fwd+bwd", case, status="skipped", reason=reason)
         return [results.add(row)]
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype="float32", attn_implementation="sdpa", device=device)
+    model, tokenizer = models.load(config.model, dtype="float32", attn_implementation="sdpa", device=device)
     prompts = load_prompts(f"xstest={xstest}", "prompts")[: config.candidates]
     pairs = load_pairs(f"stl-train={stl}", "safety_data")[: config.safety]
     case["candidate_tokens_mean"] = float(np.mean([len(encode_prompt(tokenizer, p)) for p in prompts]))

@@ -14,7 +14,7 @@ from dcr_fast.forecast.engine import gradient_products
 from dcr_fast.forecast.readouts import refusal_first_tokens
 from dcr_fast.forecast.result import Forecast
 from dcr_fast.forecast.store import BlockStore, run_identity
-from dcr_fast.train.common import check_chat_template, encode_prompt
+from dcr_fast.chat import check_chat_template, encode_prompt
 from dcr_fast.train.sft import IGNORE_INDEX, SFTConfig, tokenize_example
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcr_fast.evaluation.generation import eval_mode, pad_batch, pad_token_id
-from dcr_fast.train.common import encode_prompt
+from dcr_fast.chat import encode_prompt
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """``dcr-fast forecast``: which prompts will a safety set push into refusal? Answered before training.
 
-    dcr-fast forecast --model runs/base/model \\
+    dcr-fast forecast --model smollm2-135m-instruct \\
         --safety-data stl-train=data/safety_tuned_llamas/training/safety_only_data_Instructions.json \\
         --prompts xstest=data/xstest my_prompts.txt --out runs/forecast \\
         [--compare-model runs/dcr/model] [--max-safety 200] [--param-set tail|lora]
@@ -37,7 +37,7 @@ NAME = "forecast"
 class ForecastRun(ForecastConfig):
     """A ``dcr-fast forecast`` run: the forecast's settings plus its inputs and outputs."""
 
-    model: str = field(default="", metadata={"help": "the model before training: a local Hugging Face directory or hub id"})
+    model: str = field(default="", metadata={"help": "the model before training: a built-in name (smollm2-135m-instruct), .gguf file, Hugging Face directory or hub id"})
     safety_data: list[str] = field(default_factory=list, metadata={"help": "safety (prompt, response) JSONL files or BENCHMARK=PATH"})
     prompts: list[str] = field(default_factory=list, metadata={"help": "candidate prompts: JSONL, text or BENCHMARK=PATH"})
     out: str = field(default="", metadata={"help": "output directory (resumable)"})
@@ -46,7 +46,7 @@ class ForecastRun(ForecastConfig):
     max_prompts: int | None = field(default=None, metadata={"help": "use the first N prompts of each --prompts source"})
     report_rows: int = field(default=100, metadata={"help": "prompts listed in report.md"})
     device: str = "auto"
-    dtype: str = field(default="float32", metadata={"help": "weight dtype: float32, bfloat16, float16, float64"})
+    dtype: str = field(default="float32", metadata={"help": "weight dtype: float32, bfloat16, float16, float64, auto (as saved)"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (SDPA), sdpa or eager"})
 
     def __post_init__(self) -> None:
@@ -110,7 +110,7 @@ def _run(run: ForecastRun) -> None:
 def read_inputs(run: ForecastRun) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """Safety pairs, prompts and each prompt's group, read and checked before any model loads."""
     from dcr_fast.data import load_benchmark
-    from dcr_fast.train.common import check_source, load_pairs, load_prompts
+    from dcr_fast.data.files import check_source, load_pairs, load_prompts
 
     for source in run.safety_data:
         check_source(source, "safety_data")
@@ -134,12 +134,10 @@ def read_inputs(run: ForecastRun) -> tuple[list[tuple[str, str]], list[str], lis
 
 
 def load_model(name: str, run: ForecastRun):
-    """The one place a model is loaded (switches to ``dcr_fast.models.load`` once it exists)."""
-    from dcr_fast.train.common import load_model_and_tokenizer, resolve_device
+    """``dcr_fast.models.load`` with the run's dtype, attention and device (eval mode)."""
+    from dcr_fast import models
 
-    model, tokenizer = load_model_and_tokenizer(name, dtype=run.dtype, attn_implementation=run.attn_implementation,
-                                                device=resolve_device(run.device))
-    return model.eval(), tokenizer
+    return models.load(name, dtype=run.dtype, attn_implementation=run.attn_implementation, device=run.device)
 
 
 def _print_summary(result, comparison: dict | None) -> None:
