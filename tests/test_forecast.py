@@ -152,7 +152,7 @@ def test_forecast_from_text_resumes_and_refuses_other_settings(word_model, tmp_p
     again = forecast(model, tokenizer, PAIRS, TEXTS, groups=["st", "st", "normal", "toxic"],
                      config=ForecastConfig(safety_chunk=1, top=2, lr=1e-3), out_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.products, first.products)
-    with pytest.raises(ValueError, match=r"another model, other inputs or settings \(differs in \['settings'\]\)"):
+    with pytest.raises(ValueError, match=r"were made with other settings.*settings.tail_layers: 1 -> 2"):
         forecast(model, tokenizer, PAIRS, TEXTS, config=ForecastConfig(safety_chunk=1, tail_layers=2),
                  out_dir=tmp_path, progress=False)
 
@@ -164,7 +164,7 @@ def test_forecast_from_text_resumes_and_refuses_other_settings(word_model, tmp_p
     (lambda m, t: forecast(m, t, [], TEXTS), "safety_pairs: expected a non-empty list"),
     (lambda m, t: forecast(m, t, PAIRS, TEXTS, groups=["a"]), "groups: expected one non-empty name per prompt"),
     (lambda m, t: forecast(m, t, PAIRS, TEXTS, config=ForecastConfig(max_length=4)),
-     r"safety_data\[0\] has no response token"),
+     "max_length: 4 tokens cut off the response of all 2 examples"),
     (lambda m, t: forecast(m, t, PAIRS, TEXTS, config=ForecastConfig(tail_layers=9)), r"tail_layers must be an int in \[0, 2\]"),
     (lambda m, t: ForecastConfig(param_set="full"), "param_set: expected one of"),
     (lambda m, t: ForecastConfig(safety_chunk=0), "safety_chunk: expected a positive integer"),

@@ -1,5 +1,6 @@
-"""``dcr-fast forecast`` end to end on a saved tiny model, its files, resume and bad input; the
-flip report from a base model (``forecast_flips``) with its baselines."""
+"""``dcr-fast forecast`` end to end on a saved tiny model, its files and resume (its user errors
+are rows of tests/test_cli_errors.py); the flip report from a base model (``forecast_flips``)
+with its baselines."""
 
 from __future__ import annotations
 
@@ -74,33 +75,11 @@ def test_forecast_command_writes_ranked_rows_report_and_figure(files, tmp_path, 
     assert [r["predicted_delta"] for r in again] == [r["predicted_delta"] for r in rows]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"--safety-data": ["missing.jsonl"]}, "safety_data: file 'missing.jsonl' does not exist"),
-    ({"--prompts": ["nosuch=x"]}, "prompts: unknown benchmark 'nosuch'"),
-    ({"--model": None}, "--model: required"),
-    ({"--max-safety": ["0"]}, "--max-safety: expected a positive integer"),
-    ({"--param-set": ["full"]}, "param_set: expected one of"),
-])
-def test_bad_input_exits_with_a_message(files, tmp_path, capsys, change, message):
-    args = _args(files, tmp_path / "o")
-    for flag, values in change.items():
-        at = args.index(flag) if flag in args else None
-        if at is not None:
-            end = at + 1
-            while end < len(args) and not args[end].startswith("--"):
-                end += 1
-            del args[at:end]
-        if values is not None:
-            args += [flag, *values]
-    assert main(args) == 2
-    assert message in capsys.readouterr().err
-
-
 def test_forecast_flips_reports_auroc_beside_the_baselines(files, tmp_path):
     from dcr_fast.forecast.cli import ForecastRun, load_model
 
-    model, tokenizer = load_model(files["base"], ForecastRun(model="m", out="o", safety_data=["s"], prompts=["p"],
-                                                             device="cpu"))
+    model, tokenizer, _ = load_model(files["base"], ForecastRun(model="m", out="o", safety_data=["s"], prompts=["p"],
+                                                                device="cpu"))
     report = forecast_flips(model, tokenizer, PAIRS, PROMPTS, refused_before=[False, False, False, False, True],
                             refused_after=[True, False, True, False, True], k=2, progress=False)
     assert report["forecast"]["population"] == 4 and report["forecast"]["flipped"] == 2

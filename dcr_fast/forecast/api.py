@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from dcr_fast.chat import check_chat_template, encode_prompt
 from dcr_fast.evaluation.generation import eval_mode
+from dcr_fast.fingerprint import module_fingerprint
 from dcr_fast.forecast.config import ForecastConfig
 from dcr_fast.forecast.engine import gradient_products
 from dcr_fast.forecast.readouts import refusal_first_tokens
 from dcr_fast.forecast.result import Forecast
-from dcr_fast.forecast.store import BlockStore, run_identity
-from dcr_fast.chat import check_chat_template, encode_prompt
-from dcr_fast.train.sft import IGNORE_INDEX, SFTConfig, tokenize_example
+from dcr_fast.forecast.store import BlockStore, run_key
+from dcr_fast.ntk.tail import model_dtype
+from dcr_fast.train.sft import IGNORE_INDEX, SFTConfig, tokenize_examples
 
 
 def forecast(
@@ -27,6 +30,7 @@ def forecast(
     groups: Sequence[str] | None = None,
     config: ForecastConfig | None = None,
     out_dir: str | os.PathLike | None = None,
+    identity: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> Forecast:
     """Predict how SFT on ``safety_pairs`` moves each prompt's first-token refusal probability.
@@ -34,18 +38,22 @@ def forecast(
     ``safety_pairs`` are (prompt, response) texts, tokenized as ``dcr-fast sft`` tokenizes
     them; ``prompts`` the candidates x′, each with its group in ``groups`` (default: one
     group, "all"). Both go through the tokenizer's chat template. With ``out_dir`` finished
-    blocks of work are saved there and a rerun resumes (:mod:`dcr_fast.forecast.store`).
+    blocks of work are saved there and a rerun resumes (:mod:`dcr_fast.forecast.store`), keyed
+    by the model's ``identity`` (default: :func:`dcr_fast.fingerprint.module_fingerprint`; the
+    CLI passes the cheaper file fingerprint of the model it loaded).
     """
     config = config or ForecastConfig()
     _check_texts(safety_pairs, prompts, groups)
     check_chat_template(tokenizer, type(tokenizer).__name__)
     candidates = [torch.tensor(encode_prompt(tokenizer, p, config.system_prompt), dtype=torch.long) for p in prompts]
     sft = SFTConfig(max_length=config.max_length, system_prompt=config.system_prompt)
-    examples = [tokenize_example(tokenizer, p, r, sft) for p, r in safety_pairs]
+    examples = tokenize_examples(tokenizer, list(safety_pairs), sft)
     tokens = refusal_first_tokens(tokenizer)
     store = None
     if out_dir is not None:
-        store = BlockStore(out_dir, run_identity(model, config.numbers(), candidates, examples, tokens))
+        identity = identity if identity is not None else module_fingerprint(model)
+        key = run_key(identity, model_dtype(model), config.numbers(), candidates, examples, tokens)
+        store = BlockStore(out_dir, key)
     with eval_mode(model):
         products, base = gradient_products(model, candidates, examples, tokens, config, store=store, progress=progress)
     return Forecast(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,41 +69,34 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(NAME, help="forecast which prompts a safety set will push into refusal",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, ForecastRun)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint="rerun the same command to resume (finished blocks are kept)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(ForecastRun, args, section=NAME)
-        _run(config)
-    except ValueError as err:
-        print(f"dcr-fast {NAME}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _run(run: ForecastRun) -> None:
     from dcr_fast.forecast.api import forecast
     from dcr_fast.forecast.report import write_outputs
     from dcr_fast.forecast.result import compare
 
+    run = config_from_args(ForecastRun, args, section=NAME)
     pairs, prompts, groups = read_inputs(run)
     settings = run.forecast_config()
     started = time.perf_counter()
-    model, tokenizer = load_model(run.model, run)
-    result = forecast(model, tokenizer, pairs, prompts, groups=groups, config=settings, out_dir=run.out)
+    model, tokenizer, identity = load_model(run.model, run)
+    result = forecast(model, tokenizer, pairs, prompts, groups=groups, config=settings, out_dir=run.out,
+                      identity=identity)
     elapsed = time.perf_counter() - started
     other = comparison = None
     if run.compare_model:
         del model
-        other_model, other_tokenizer = load_model(run.compare_model, run)
+        other_model, other_tokenizer, other_identity = load_model(run.compare_model, run)
         other = forecast(other_model, other_tokenizer, pairs, prompts, groups=groups, config=settings,
-                         out_dir=Path(run.out) / "compare")
+                         out_dir=Path(run.out) / "compare", identity=other_identity)
         comparison = {"other_model": run.compare_model, **compare(result, other)}
     paths = write_outputs(result, run.out, model=run.model, elapsed_s=elapsed, comparison=comparison, other=other,
                           report_rows=run.report_rows)
     _print_summary(result, comparison)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 def read_inputs(run: ForecastRun) -> tuple[list[tuple[str, str]], list[str], list[str]]:
@@ -134,10 +126,14 @@ def read_inputs(run: ForecastRun) -> tuple[list[tuple[str, str]], list[str], lis
 
 
 def load_model(name: str, run: ForecastRun):
-    """``dcr_fast.models.load`` with the run's dtype, attention and device (eval mode)."""
+    """(model, tokenizer, fingerprint): ``dcr_fast.models.load`` with the run's dtype, attention
+    and device (eval mode), and the model files' content fingerprint that keys saved blocks."""
     from dcr_fast import models
+    from dcr_fast.fingerprint import model_fingerprint
 
-    return models.load(name, dtype=run.dtype, attn_implementation=run.attn_implementation, device=run.device)
+    model, tokenizer = models.load(name, dtype=run.dtype, attn_implementation=run.attn_implementation,
+                                   device=run.device)
+    return model, tokenizer, model_fingerprint(name)
 
 
 def _print_summary(result, comparison: dict | None) -> None:

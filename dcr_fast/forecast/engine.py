@@ -113,11 +113,13 @@ def check_inputs(
         if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 or p.dtype != torch.long:
             raise ValueError(f"prompts[{i}] must be a non-empty 1-D LongTensor of token ids, got {describe(p)}")
     for i, e in enumerate(examples):
-        if len(e.targets) != len(e.input_ids) or all(t == IGNORE_INDEX for t in e.targets):
-            raise ValueError(
-                f"safety_data[{i}] has no response token to train on (empty response, or truncated "
-                f"away by max_length at {len(e.input_ids)} tokens)"
-            )
+        if not e.input_ids or len(e.targets) != len(e.input_ids):
+            raise ValueError(f"safety_data[{i}] must hold token ids and one target per token, got "
+                             f"{len(e.input_ids)} ids and {len(e.targets)} targets")
+    # An example cut before its response contributes nothing (as in SFT); all of them, no forecast.
+    if all(t == IGNORE_INDEX for e in examples for t in e.targets):
+        raise ValueError("safety_data: no example has a response token to train on (empty responses, "
+                         "or all truncated away by max_length)")
     vocab = model.get_output_embeddings().out_features
     if not refusal_tokens or any(not 0 <= int(t) < vocab for t in refusal_tokens):
         raise ValueError(f"refusal tokens must be a non-empty list of ids in [0, {vocab}), got {list(refusal_tokens)}")

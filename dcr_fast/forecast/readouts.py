@@ -68,7 +68,7 @@ class LossReadout:
     @classmethod
     def of(cls, examples: Sequence[Example], device: torch.device) -> LossReadout:
         picked = [[(t, y) for t, y in enumerate(e.targets) if y != IGNORE_INDEX] for e in examples]
-        width = max(len(p) for p in picked)
+        width = max(1, *(len(p) for p in picked))  # a block of examples cut before their responses: all weight 0
         positions = torch.zeros(len(examples), width, dtype=torch.long)
         targets = torch.zeros_like(positions)
         weights = torch.zeros(positions.shape)

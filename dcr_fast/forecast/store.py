@@ -3,43 +3,36 @@
 A forecast's products are computed one block of safety examples at a time (all candidates
 against ``safety_chunk`` examples). Each finished block goes to ``DIR/blocks/`` through a
 temporary file, and so does the candidates' base refusal probability; a rerun with the same
-model, inputs and settings loads them and computes only what is missing. ``DIR/run.json``
-records what made them (digests of the model's weights, the token ids, the settings); a
-rerun that differs in any of these is refused rather than mixed in.
+model, inputs and settings loads them and computes only what is missing. The key of what made
+them (the model's fingerprint and dtype, digests of the token ids, the settings) is kept in
+``DIR/run.json`` by :func:`dcr_fast.fingerprint.check_key`: a rerun that differs in any of
+these is refused, naming what differs, rather than mixed in.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from dcr_fast import atomic
+from dcr_fast.fingerprint import check_key, text_sha256
 from dcr_fast.train.sft import Example
 
 
 class BlockStore:
     """``DIR/blocks/safety_<start>.npy`` (candidates × block) and ``DIR/blocks/base_refusal.npy``."""
 
-    def __init__(self, root: str | Path, identity: dict):
+    def __init__(self, root: str | Path, key: Mapping[str, Any], about: Mapping[str, Any] | None = None):
         self.root = Path(root)
-        (self.root / "blocks").mkdir(parents=True, exist_ok=True)
-        run_file = self.root / "run.json"
-        if run_file.exists():
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-            if previous != identity:
-                changed = sorted(k for k in identity if previous.get(k) != identity[k])
-                raise ValueError(
-                    f"out: {self.root} holds a forecast of another model, other inputs or settings "
-                    f"(differs in {changed}); use a fresh directory"
-                )
-        else:
-            atomic.write_json(run_file, identity, indent=1)
+        self.root.mkdir(parents=True, exist_ok=True)
+        check_key(self.root / "run.json", key, what=f"forecast: the blocks in {str(self.root)!r}",
+                  remedy="use another --out (or delete its blocks/ and run.json)", about=about)
+        (self.root / "blocks").mkdir(exist_ok=True)
 
     def load(self, start: int) -> np.ndarray | None:
         return self._read(self._block(start))
@@ -65,35 +58,20 @@ class BlockStore:
         atomic.write(path, lambda tmp: np.save(tmp, array), suffix=".npy")
 
 
-def run_identity(
-    model: nn.Module,
-    numbers: dict,
+def run_key(
+    model_identity: Mapping[str, Any],
+    dtype: torch.dtype,
+    settings: Mapping[str, Any],
     candidates: Sequence[torch.Tensor],
     examples: Sequence[Example],
     refusal_tokens: Sequence[int],
-) -> dict:
-    """What a forecast's products depend on, as JSON: weights and token ids by digest."""
+) -> dict[str, Any]:
+    """What a forecast's products depend on: the model, its dtype, the settings, the token ids."""
     return {
-        "settings": numbers,
-        "model_sha256": model_digest(model),
-        "candidates_sha256": _digest(p.tolist() for p in candidates),
-        "examples_sha256": _digest((e.input_ids, e.targets) for e in examples),
+        "model": dict(model_identity),
+        "dtype": str(dtype).removeprefix("torch."),
+        "settings": dict(settings),
+        "candidates_sha256": text_sha256(json.dumps([p.tolist() for p in candidates])),
+        "examples_sha256": text_sha256(json.dumps([[e.input_ids, e.targets] for e in examples])),
         "refusal_tokens": list(refusal_tokens),
-        "counts": {"candidates": len(candidates), "examples": len(examples)},
     }
-
-
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name, dtype, shape and bytes (tied weights once)."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}|".encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _digest(items) -> str:
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(json.dumps(item).encode() + b"\n")
-    return digest.hexdigest()
