@@ -104,3 +104,27 @@ def test_eval_mode_restores_training_mode(tokenizer):
     with eval_mode(model):
         assert not model.training
     assert model.training
+
+
+@pytest.mark.parametrize("words", [1, 3])
+def test_rows_stop_once_decided(tokenizer, words):
+    """With `decided`, each row's output is its full greedy output cut where it first became
+    decided (here: holds `words` words), and rows that never decide run to the end."""
+    model = tiny_model(tokenizer)
+    config = GenerationConfig(max_new_tokens=8, batch_size=5, progress=False)
+    full = generate(model, tokenizer, PROMPTS, config)
+    calls = []
+
+    def decided(text: str) -> bool:
+        calls.append(text)
+        return len(text.split()) >= words
+
+    early = generate(model, tokenizer, PROMPTS, config, decided=decided)
+    assert calls
+    for whole, cut in zip(full, early):
+        assert whole.startswith(cut)
+        if len(whole.split()) >= words:
+            assert len(cut.split()) == words  # stopped at the first token that decided it
+        else:
+            assert cut == whole
+    assert early != full  # some row was cut short: the test is not vacuous

@@ -91,3 +91,26 @@ def test_guard_classifier_uses_argmax_of_unsafe_label(tmp_path):
     assert judge.judge_safe(prompts, responses) == expected
     with pytest.raises(ValueError, match="none of \\['toxic'\\]"):
         GuardJudge(model, tokenizer, name="toy", unsafe_label="toxic")
+
+
+def test_refusal_decided_agrees_with_every_completion():
+    """Whenever `refusal_decided` commits on an opening, `is_refusal` of any text that starts
+    with it says the same; and it commits once the opening settles the rule."""
+    import random
+
+    from dcr_fast.evaluation.refusal import XSTEST_REFUSAL_PREFIXES, refusal_decided
+
+    rng = random.Random(0)
+    pieces = [p.upper() if rng.random() < 0.3 else p for p in XSTEST_REFUSAL_PREFIXES]
+    pieces += ["No", "I", "I'm", "i am", "Sure", "  ", "\n", "It", "As", "no thanks", "Sorry", "To kill", "é", "!"]
+    committed = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) + rng.choice(["", " ", ",", "."]) for _ in range(rng.randint(1, 4)))
+        final = is_refusal(text)
+        for cut in range(len(text) + 1):
+            verdict = refusal_decided(text[:cut])
+            if verdict is not None:
+                committed += 1
+                assert verdict == final, (text, cut)
+        assert refusal_decided(text + "\x00zz") is not None  # an opening that cannot grow into a prefix
+    assert committed > 10_000

@@ -198,7 +198,7 @@ def test_cli_end_to_end(tmp_path, model, tokenizer):
     assert report["settings"]["max_new_tokens"] == 3 and report["settings"]["guard"] is None
     assert report["runs"]["tiny"]["settings"] == {  # every EvalConfig flag reached the config
         "max_new_tokens": 3, "batch_size": 2, "system_prompt": "be brief", "refusal_probability": False,
-        "refusal_batch_size": 8, "limit": 2, "separability": None, "progress": False}
+        "refusal_batch_size": 8, "limit": 2, "separability": None, "progress": False, "stop_when_judged": False}
     assert report["runs"]["tiny"]["counts"] == {"oktest": {SEEMINGLY_TOXIC: 2}}
     assert (out / "generations" / "oktest.jsonl").exists() and (out / "report.md").exists()
 

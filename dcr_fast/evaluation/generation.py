@@ -9,11 +9,12 @@ until each row emits EOS or reaches `max_new_tokens`. Outputs come back in input
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 Message = dict[str, str]
 Conversation = str | Sequence[Message]
@@ -42,12 +43,16 @@ def generate(
     prompts: Sequence[Conversation],
     config: GenerationConfig | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    decided: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Greedy completions (special tokens stripped) for `prompts`, in input order.
 
     A prompt is a user message string or a full message list ({"role", "content"} dicts, e.g.
     a guard model's user + assistant turns). `eos_token_id` defaults to the model's generation
-    config, then the tokenizer's EOS.
+    config, then the tokenizer's EOS. With `decided`, a row stops as soon as `decided(text so
+    far)` is true and its output is that text (a batch stops when all its rows have): for a
+    judge that reads only a response's opening, the verdicts are those of full responses at a
+    fraction of the decoding steps.
     """
     config = config or GenerationConfig()
     _check_padding_safe(model)
@@ -61,6 +66,7 @@ def generate(
     with eval_mode(model):
         for batch in tqdm(batches, desc="generate", disable=not config.progress, leave=False):
             input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, _device(model))
+            stop = _StopWhenDecided(tokenizer, input_ids.shape[1], eos, decided) if decided else None
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -68,11 +74,35 @@ def generate(
                 max_new_tokens=config.max_new_tokens,
                 eos_token_id=eos,
                 pad_token_id=pad_id,
+                stopping_criteria=[stop] if stop else None,
             )
-            new_tokens = generated[:, input_ids.shape[1] :]
-            for index, row in zip(batch, new_tokens):
-                outputs[index] = tokenizer.decode(_until_eos(row.tolist(), eos), skip_special_tokens=True)
+            new_tokens = generated[:, input_ids.shape[1] :].tolist()
+            for row, (index, tokens) in enumerate(zip(batch, new_tokens)):
+                tokens = _until_eos(tokens, eos)
+                if stop is not None and stop.lengths and stop.lengths[row] is not None:
+                    tokens = tokens[: stop.lengths[row]]
+                outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return outputs
+
+
+class _StopWhenDecided(StoppingCriteria):
+    """A per-row stopping criterion for ``model.generate``: a row is done once ``decided`` holds
+    for its decoded text; ``lengths[row]`` keeps how many new tokens it had then."""
+
+    def __init__(self, tokenizer, prompt_width: int, eos: int | Sequence[int], decided: Callable[[str], bool]) -> None:
+        self.tokenizer, self.width, self.eos, self.decided = tokenizer, prompt_width, eos, decided
+        self.lengths: list[int | None] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        rows = input_ids[:, self.width :].tolist()
+        if not self.lengths:
+            self.lengths = [None] * len(rows)
+        for row, tokens in enumerate(rows):
+            if self.lengths[row] is None:
+                text = self.tokenizer.decode(_until_eos(tokens, self.eos), skip_special_tokens=True)
+                if self.decided(text):
+                    self.lengths[row] = len(tokens)
+        return torch.tensor([length is not None for length in self.lengths], device=input_ids.device)
 
 
 def chat_texts(tokenizer, prompts: Sequence[Conversation], system_prompt: str | None = None) -> list[str]:

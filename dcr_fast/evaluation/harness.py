@@ -27,7 +27,14 @@ import torch
 
 from dcr_fast.data.records import TOXIC, Prompt
 from dcr_fast.evaluation.generation import GenerationConfig, generate
-from dcr_fast.evaluation.refusal import Judge, RefusalFilter, compliance_rate, defense_success, is_refusal
+from dcr_fast.evaluation.refusal import (
+    Judge,
+    RefusalFilter,
+    compliance_rate,
+    defense_success,
+    is_refusal,
+    refusal_decided,
+)
 from dcr_fast.evaluation.refusal_prob import refusal_probability
 from dcr_fast import atomic, fingerprint
 from dcr_fast.data.files import read_jsonl
@@ -47,6 +54,9 @@ class EvalConfig:
     separability: str | None = field(default=None, metadata={
         "help": "a benchmark mixing toxic and other prompts (e.g. xstest): per-layer separability + MDS figure"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    stop_when_judged: bool = field(default=False, metadata={
+        "help": "stop each answer once the string-match rule has decided it (same verdicts, far fewer decoding "
+                "steps; saved responses are then only their openings; not with --guard)"})
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -91,13 +101,16 @@ def evaluate(
     for name, prompts in benchmarks.items():
         if not prompts:
             raise ValueError(f"benchmark {name!r} has no prompts")
+    if config.stop_when_judged and not isinstance(judge, RefusalFilter):
+        raise ValueError(f"stop_when_judged: the judge {judge.name!r} reads whole responses; it works only with the "
+                         "string-match refusal filter")
     generation = GenerationConfig(config.max_new_tokens, config.batch_size, config.system_prompt, config.progress)
     if out_dir is not None:
         _check_generations_key(Path(out_dir) / "generations", model, tokenizer, config, model_key, overwrite)
     run: dict[str, Any] = {"compliance": {}, "defense_success": {}, "refusal_probability": {}, "counts": {}}
     for name, prompts in benchmarks.items():
         prompts = list(prompts)[: config.limit]
-        responses = _responses(model, tokenizer, name, prompts, generation, out_dir)
+        responses = _responses(model, tokenizer, name, prompts, generation, out_dir, config.stop_when_judged)
         answerable = [i for i, p in enumerate(prompts) if p.category != TOXIC]
         harmful = [i for i, p in enumerate(prompts) if p.category == TOXIC]
         if answerable:
@@ -155,13 +168,14 @@ def _check_generations_key(folder: Path, model, tokenizer, config: EvalConfig, m
         "chat_template": fingerprint.text_sha256(getattr(tokenizer, "chat_template", None)),
         "max_new_tokens": config.max_new_tokens,
         "system_prompt": config.system_prompt,
+        "stop_when_judged": config.stop_when_judged,  # such responses are openings only
     }
     fingerprint.check_key(key_file, key, what=f"eval: the generations in {str(folder)!r}",
                           remedy="use another --out, or --overwrite to regenerate them")
 
 
 def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: GenerationConfig,
-               out_dir: str | Path | None) -> list[str]:
+               out_dir: str | Path | None, stop_when_judged: bool = False) -> list[str]:
     """Greedy responses for one benchmark; those already saved for the same leading prompts are reused."""
     path = Path(out_dir) / "generations" / f"{name}.jsonl" if out_dir is not None else None
     saved: list[str] = []
@@ -172,7 +186,8 @@ def _responses(model, tokenizer, name: str, prompts: list[Prompt], config: Gener
             saved.append(row["response"])
     if len(saved) == len(prompts):
         return saved
-    responses = saved + generate(model, tokenizer, [p.text for p in prompts[len(saved):]], config)
+    decided = (lambda text: refusal_decided(text) is not None) if stop_when_judged else None
+    responses = saved + generate(model, tokenizer, [p.text for p in prompts[len(saved):]], config, decided=decided)
     if path is not None:
         lines = [json.dumps({"prompt": p.text, "category": p.category, "subset": p.subset, "response": r,
                              "refusal": is_refusal(r)}) for p, r in zip(prompts, responses)]
