@@ -61,6 +61,44 @@ def test_embeddings_are_layer_outputs_at_each_prompts_last_position(tiny_model, 
     assert torch.isfinite(nll) and nll > 0
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_without_nll_only_the_layers_up_to_the_refined_one_run(tiny_model, layer):
+    model, tokenizer = models.load(tiny_model, dtype="float64", attn_implementation="eager", device=torch.device("cpu"))
+    prompts = [encode_prompt(tokenizer, p) for p in SEEMINGLY[:2] + TOXIC[:3]]
+    full, _ = prompt_embeddings(model, prompts, layer, device=torch.device("cpu"))
+    calls = []
+    top = model.get_decoder().layers[layer].register_forward_hook(lambda *args: calls.append(1))
+    short, nll = prompt_embeddings(model, prompts, layer, device=torch.device("cpu"), nll=False)
+    top.remove()
+    assert nll is None and not calls  # the layers above never ran
+    assert len(model.get_decoder().layers) == LAYERS  # and are back in place
+    torch.testing.assert_close(short, full, rtol=1e-12, atol=1e-12)
+    grad_full = torch.autograd.grad(full.sum(), model.get_input_embeddings().weight)[0]
+    grad_short = torch.autograd.grad(short.sum(), model.get_input_embeddings().weight)[0]
+    torch.testing.assert_close(grad_short, grad_full, rtol=1e-12, atol=1e-12)
+
+
+def test_base_mean_center_is_measured_once_and_kept_for_resume(tiny_model, prompt_files, tmp_path, monkeypatch):
+    from dcr_fast.train import dcr
+
+    out = tmp_path / "run"
+    measured = []
+    real = dcr.base_center
+    monkeypatch.setattr(dcr, "base_center", lambda *a, **k: measured.append(1) or real(*a, **k))
+    run_dcr(config(tiny_model, out, prompt_files, center="base-mean", nll_weight=0.0, max_steps=2))
+    center = torch.load(out / "center.pt")
+    model, tokenizer = models.load(tiny_model, dtype="float32", attn_implementation="sdpa", device=torch.device("cpu"))
+    halves = [torch.stack([prompt_embeddings(model, [encode_prompt(tokenizer, p)], 1, device=torch.device("cpu"))[0][0]
+                           for p in group]).double().mean(0) for group in (SEEMINGLY, TOXIC)]
+    torch.testing.assert_close(center, ((halves[0] + halves[1]) / 2).float(), rtol=1e-4, atol=1e-4)
+    summary = run_dcr(config(tiny_model, out, prompt_files, center="base-mean", nll_weight=0.0, resume=True))
+    assert summary["finished"] and measured == [1]  # the resumed run read the saved center back
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("nll" not in row for row in rows)
+    with pytest.raises(ValueError, match="center: expected none or base-mean"):
+        config(tiny_model, out, prompt_files, center="mean")
+
+
 def test_every_batch_holds_both_subsets():
     cfg = DCRConfig(batch_size=32, balance=0.5, epochs=3, seed=2)
     plan = plan_batches(25, 500, cfg)

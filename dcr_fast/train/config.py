@@ -39,6 +39,7 @@ class TrainConfig:
     max_steps: int | None = dataclasses.field(default=None, metadata={"help": "stop after N optimizer steps (schedule unchanged; resume later)"})
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an earlier run's outputs in OUT (without it or --resume, such a folder is refused)"})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "a progress bar over the optimizer steps"})
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import torch
 
-from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
+from dcr_fast import atomic, models
 from dcr_fast.chat import encode_prompt
+from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.data.files import check_source, load_prompts
-from dcr_fast import distributed, models
+from dcr_fast import atomic, distributed, models
 from dcr_fast.distributed import gather_rows
 from dcr_fast.runtime import set_seed
 from dcr_fast.train.cli import check_model_and_out, register_stage
@@ -62,6 +64,10 @@ class DCRConfig(TrainConfig):
     freeze_embeddings: bool = dataclasses.field(default=False, metadata={"help": "also freeze untied input embeddings"})
     max_length: int = dataclasses.field(default=512, metadata={"help": "longest templated prompt; longer ones keep their last tokens"})
     lora: bool = dataclasses.field(default=False, metadata={"help": "LoRA on layers <= layer instead of full-parameter training"})
+    center: str = dataclasses.field(default="none", metadata={
+        "help": "none: the Circle loss on the hidden states as they are (the paper); base-mean: on the states minus "
+                "the base model's mean state over the training prompts (a fixed vector), so cosines measure the "
+                "directions that tell prompts apart rather than the direction all of them share"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +79,10 @@ class DCRConfig(TrainConfig):
             raise ValueError(f"variant: expected dcr or original, got {self.variant!r}")
         if self.layer < 1:
             raise ValueError(f"layer: expected >= 1, got {self.layer}")
+        if self.center not in ("none", "base-mean"):
+            raise ValueError(f"center: expected none or base-mean, got {self.center!r}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight: expected >= 0, got {self.nll_weight}")
 
 
 def run_dcr(config: DCRConfig) -> dict[str, Any]:
@@ -94,6 +104,7 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
         model = _attach_lora(model, config)
     encoded = [[encode_prompt(tokenizer, p, config.system_prompt)[-config.max_length :] for p in prompts] for prompts in subsets]
     plan = plan_batches(len(encoded[0]), len(encoded[1]), config)
+    center = _center(base, encoded, config, device)  # before wrapping: the plain model, on every rank
     check_shares(config, distributed.world_size())
     parallel = parallelize(model, config.sharding, device)
     # Looked up after wrapping (FSDP replaces parameters); peft leaves the frozen ones' names alone.
@@ -113,11 +124,17 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
         labels = torch.tensor([subset for subset, _ in batch], device=device)
         targets = sum(len(encoded[subset][i]) - 1 for subset, i in batch)
         with autocast:
-            embeddings, nll_sum = parallel(prompt_embeddings, prompts, config.layer, device=device)
-            circle = loss_fn(gather_rows(embeddings.float())[order], labels) / parallel.world
+            embeddings, nll_sum = parallel(prompt_embeddings, prompts, config.layer, device=device,
+                                           nll=config.nll_weight > 0)
+            circle = loss_fn(gather_rows(embeddings.float())[order] - center, labels) / parallel.world
+        metrics = {"circle": circle.item()}
+        if config.variant == "dcr":  # each rank logs 1/W of it, as of the loss: the log sums ranks
+            metrics["circle_floor"] = circle_floor(labels.tolist()) / parallel.world
+        if nll_sum is None:
+            return StepResult(loss=circle, tokens=sum(map(len, prompts)), metrics=metrics)
         nll = nll_sum / targets
-        loss = circle + config.nll_weight * nll
-        return StepResult(loss=loss, tokens=sum(map(len, prompts)), metrics={"circle": circle.item(), "nll": nll.item()})
+        metrics["nll"] = nll.item()
+        return StepResult(loss=circle + config.nll_weight * nll, tokens=sum(map(len, prompts)), metrics=metrics)
 
     summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="dcr",
                         parallel=parallel)
@@ -129,21 +146,54 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
     return finish_run(summary, model, tokenizer, config)
 
 
-def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: torch.device,
+                      nll: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Layer-``layer`` hidden states at each prompt's last position, and the prompts' summed
     next-token NLL (``len(p) - 1`` targets a prompt).
 
-    The prompts are packed into one padding-free row; position ids restart per prompt.
+    The prompts are packed into one padding-free row; position ids restart per prompt. With
+    ``nll=False`` only the decoder layers up to ``layer`` run (the rest would feed the NLL
+    alone), and the NLL is None.
     """
     input_ids = torch.tensor([[t for p in prompts for t in p]], device=device)
     positions = torch.tensor([[i for p in prompts for i in range(len(p))]], device=device)
+    last = torch.tensor([len(p) for p in prompts], device=device).cumsum(0) - 1
+    if not nll:
+        return _first_layers_output(model, input_ids, positions, layer)[0, last], None
     targets = torch.tensor([[t for p in prompts for t in p[1:] + [IGNORE_INDEX]]], device=device)
     out = model(input_ids=input_ids, position_ids=positions, use_cache=False, output_hidden_states=True)
-    last = torch.tensor([len(p) for p in prompts], device=device).cumsum(0) - 1
     embeddings = out.hidden_states[layer][0, last]
     logits = out.logits[0].to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up, float64 kept
-    nll = torch.nn.functional.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
-    return embeddings, nll
+    loss = torch.nn.functional.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
+    return embeddings, loss
+
+
+def _first_layers_output(model, input_ids: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
+    """The output of decoder layer ``layer`` (1-based), running only the layers up to it."""
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    captured: list[torch.Tensor] = []
+    hook = layers[layer - 1].register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+    decoder.layers = torch.nn.ModuleList(list(layers)[:layer])
+    try:
+        decoder(input_ids=input_ids, position_ids=positions, use_cache=False)
+    finally:
+        decoder.layers = layers
+        hook.remove()
+    return captured[0]
+
+
+@torch.no_grad()
+def base_center(model, encoded: list[list[list[int]]], layer: int, *, device: torch.device,
+                batch_size: int = 32) -> torch.Tensor:
+    """The mean layer-``layer`` state of the training prompts, each subset weighing one half."""
+    means = []
+    for prompts in encoded:
+        states = [prompt_embeddings(model, prompts[i : i + batch_size], layer, device=device, nll=False)[0].double()
+                  for i in range(0, len(prompts), batch_size)]
+        means.append(torch.cat(states).mean(0))
+    return torch.stack(means).mean(0).float()
 
 
 def freeze_above(model, layer: int, *, freeze_embeddings: bool) -> dict[str, torch.nn.Parameter]:
@@ -234,6 +284,23 @@ def _quota(config: DCRConfig) -> tuple[int, int]:
     """Seemingly toxic and toxic prompts per batch: ``balance`` of it, at least two of each."""
     n_first = min(max(2, round(config.batch_size * config.balance)), config.batch_size - 2)
     return n_first, config.batch_size - n_first
+
+
+def _center(model, encoded: list[list[list[int]]], config: DCRConfig, device: torch.device) -> torch.Tensor | float:
+    """What the Circle loss subtracts from every embedding: 0, or the base model's mean state.
+
+    The mean is taken once, from the model as loaded, and kept in ``OUT/center.pt``: a resumed
+    run reads it back rather than measuring the half-trained model.
+    """
+    if config.center == "none":
+        return 0.0
+    path = os.path.join(config.out, "center.pt")
+    if config.resume and os.path.exists(path):
+        return torch.load(path, map_location=device)
+    center = base_center(model, encoded, config.layer, device=device)
+    if distributed.is_main():
+        atomic.write(path, lambda tmp: torch.save(center.cpu(), tmp))
+    return center
 
 
 def _attach_lora(model, config: DCRConfig):

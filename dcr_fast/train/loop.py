@@ -103,7 +103,7 @@ def run_steps(
     losses: list[float] = []
     tokens_total, started = 0, time.perf_counter()
     bar = tqdm(range(start, stop), desc=desc, initial=start, total=total_steps, unit="step", dynamic_ncols=True,
-               disable=not main)
+               disable=not (main and config.progress))
     for step in bar:
         step_started = time.perf_counter()
         lr = get_lr(step, base_lr=config.lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
