@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 _SUBCOMMANDS = (
+    "dcr_fast.reproduce.cli",
     "dcr_fast.demo.run",
     "dcr_fast.train.dcr",
     "dcr_fast.train.sft",

@@ -77,7 +77,7 @@ def test_tokenizer_survives_a_round_trip_next_to_a_qwen2_model(examples, tmp_pat
 def test_ci_preset_runs_the_whole_pipeline(tmp_path):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["demo", "--preset", "ci", "--out", str(tmp_path)])
+    args = parser.parse_args(["demo", "--tiny", "--preset", "ci", "--out", str(tmp_path)])
     assert args.func(args) == 0
     report = json.load(open(tmp_path / "report.json"))
     assert set(RUNS) <= set(report["runs"])
@@ -109,7 +109,7 @@ def test_ci_preset_runs_the_whole_pipeline(tmp_path):
     assert again["runs"] == report["runs"] and again["entk"] == report["entk"]
 
     # A third adds a seed, trained in a worker process; the first seed is reused unchanged.
-    args = parser.parse_args(["demo", "--preset", "ci", "--out", str(tmp_path), "--seeds", "0", "1", "--workers", "2"])
+    args = parser.parse_args(["demo", "--tiny", "--preset", "ci", "--out", str(tmp_path), "--seeds", "0", "1", "--workers", "2"])
     assert args.func(args) == 0
     both = json.load(open(tmp_path / "report.json"))
     for name in EVALUATED:
@@ -156,3 +156,25 @@ def test_demo_data_does_not_depend_on_hash_order(tmp_path):
     assert names and names == sorted(os.listdir(tmp_path / "2"))
     for name in names:
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
+
+
+def test_demo_without_tiny_is_reproduce_on_the_builtin_model(monkeypatch, tmp_path):
+    from dcr_fast.reproduce import cli as reproduce_cli
+
+    seen = {}
+
+    def fake_run(args):
+        seen["config"], seen["stages"] = reproduce_cli.load_setting(args)
+        return 0
+
+    monkeypatch.setattr(reproduce_cli, "run", fake_run)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--out", str(tmp_path), "--data", "/data", "--seeds", "3", "4"])
+    assert args.func(args) == 0
+    config = seen["config"]
+    assert (config.model, config.out, config.data, config.seeds) == ("smollm2-135m-instruct", str(tmp_path), "/data", [3, 4])
+    assert config.eval_limit == 50 and seen["stages"]["sft"]["lora"]  # the cpu preset
+    with pytest.raises(ValueError, match="--hidden-size: only with --tiny"):
+        args = parser.parse_args(["demo", "--out", str(tmp_path), "--hidden-size", "64"])
+        args.func(args)

@@ -1,4 +1,6 @@
-"""``dcr-fast demo --out DIR``: the paper's effect, end to end, on a tiny model and 2 CPU cores.
+"""``dcr-fast demo --tiny --out DIR``: the paper's effect, end to end, on a tiny model and 2 CPU cores.
+
+(Without ``--tiny``, ``dcr-fast demo`` is ``dcr-fast reproduce --preset cpu`` on a real model.)
 
 What it does, per seed (all stages are the package's real ``sft``/``dcr`` code on files):
 
@@ -378,14 +380,14 @@ def _paired(ours: list[float], theirs: list[float]) -> dict[str, Any]:
 
 def write_demo_report(report: dict[str, Any], out: Path) -> None:
     """``report.json``, ``report.md`` and ``figures/*.png``, each written atomically."""
-    from dcr_fast.evaluation.report import plot_rates, report_markdown, save_figure
+    from dcr_fast.evaluation.report import plot_entk, plot_rates, report_markdown
 
     figures = {}
     for key in ("compliance", "defense_success"):
         path = plot_rates(report["runs"], key, out / "figures" / f"{key}.png")
         figures[key] = str(path.relative_to(out))
     if report["entk"]:
-        figures["entk"] = str(plot_entk(report["entk"], out / "figures" / "entk.png", save_figure).relative_to(out))
+        figures["entk"] = str(plot_entk(report["entk"], out / "figures" / "entk.png").relative_to(out))
     report["figures"] = figures
     atomic.write_json(out / "report.json", report)
     notes = [f"Wall time of this invocation: {report['wall_s'] / 60:.1f} min on {report['device']} (torch "
@@ -459,45 +461,34 @@ def _values(values) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 
-def plot_entk(entk: dict[str, Any], path: Path, save_figure) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = entk["groups"]
-    names = [g.replace("_", "\n") for g in groups]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
-    top = max(entk[s][a][b] for s in ("before", "after") for a in groups for b in groups)
-    for ax, label in zip(axes, ("before", "after")):
-        grid = [[entk[label][a][b] for b in groups] for a in groups]
-        image = ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")
-        ax.set_xticks(range(len(groups)), names)
-        ax.set_yticks(range(len(groups)), names)
-        ax.set_title(f"{label} DCR (rows x′, columns x)")
-        for i in range(len(groups)):
-            for j in range(len(groups)):
-                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8)
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
 # --- command line ---------------------------------------------------------------------------------
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="STL vs STL-aug vs DCR+STL on a tiny model (CPU, minutes)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full: the README demo (six seeds, ~6 min on 2 quiet cores); ci: a small setting that runs every stage in minutes")
+    parser = subparsers.add_parser(
+        "demo", help="the main job: the paper's protocol on SmolLM2-135M-Instruct (reproduce --preset cpu); "
+                     "--tiny: a from-scratch toy in minutes",
+        description="dcr-fast demo --out DIR [--data DIR] [--seeds ...]: `dcr-fast reproduce --model "
+                    "smollm2-135m-instruct --preset cpu` (about 25 min on 2 CPU cores).\n\n"
+                    "dcr-fast demo --tiny --out DIR: " + __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the from-scratch toy (a 0.7M-parameter model, minutes)")
+    parser.add_argument("--data", default=None, help="without --tiny: the benchmark data folder (reproduce --data)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="with --tiny: full (six seeds, ~6 min on 2 quiet cores) or ci (every stage in minutes)")
     add_config_arguments(parser, DemoConfig)
     parser.set_defaults(func=run)
 
 
+# Flags that mean the same for the toy and for the real-model protocol.
+_SHARED = ("out", "seeds", "workers", "device")
+
+
 def run(args: argparse.Namespace) -> int:
-    setting = resolve_config_path(args.config or PRESETS[args.preset])
+    if not args.tiny:
+        return _run_reproduce(args)
+    if args.data is not None:
+        raise ValueError("--data: the --tiny demo builds its own data; drop --data")
+    setting = resolve_config_path(args.config or PRESETS[args.preset or "full"])
     if not args.config:
         args.config = setting
     config = config_from_args(DemoConfig, args, section="demo")
@@ -506,3 +497,24 @@ def run(args: argparse.Namespace) -> int:
     print(Path(config.out, "report.md").read_text())
     print(f"demo: wrote {config.out}/report.json, report.md and figures in {report['wall_s'] / 60:.1f} min")
     return 0
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    """``demo`` without ``--tiny``: ``reproduce --model smollm2-135m-instruct --preset cpu``."""
+    from dcr_fast.reproduce import cli as reproduce_cli
+
+    toy_only = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(DemoConfig)
+                if f.name not in _SHARED and getattr(args, f.name) is not None]
+    toy_only += [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value is not None]
+    if toy_only:
+        raise ValueError(f"{', '.join(toy_only)}: only with --tiny (the real-model demo is `reproduce --preset cpu`; "
+                         "use `dcr-fast reproduce` for its other settings)")
+    parser = argparse.ArgumentParser(prog="dcr-fast demo")
+    reproduce_cli.add_arguments(parser)
+    argv = ["--preset", "cpu"]
+    for name in ("out", "workers", "device", "data"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name}", str(getattr(args, name))]
+    if args.seeds is not None:
+        argv += ["--seeds", *map(str, args.seeds)]
+    return reproduce_cli.run(parser.parse_args(argv))

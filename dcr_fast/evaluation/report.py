@@ -111,6 +111,32 @@ def plot_rates(runs: Mapping[str, Mapping[str, Any]], key: str, path: Path) -> P
     return path
 
 
+def plot_entk(entk: Mapping[str, Any], path: Path) -> Path:
+    """Heatmaps of the mean normalized eNTK per (x′ group, x group), before and after DCR, on one scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = entk["groups"]
+    names = [g.replace("_", "\n") for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    top = max(entk[s][a][b] for s in ("before", "after") for a in groups for b in groups)
+    for ax, label in zip(axes, ("before", "after")):
+        grid = [[entk[label][a][b] for b in groups] for a in groups]
+        image = ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")
+        ax.set_xticks(range(len(groups)), names)
+        ax.set_yticks(range(len(groups)), names)
+        ax.set_title(f"{label} DCR (rows x′, columns x)")
+        for i in range(len(groups)):
+            for j in range(len(groups)):
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def save_figure(fig, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically."""
     atomic.write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")

@@ -1,0 +1,217 @@
+"""``dcr-fast reproduce``: data selection rules, the job runner, clear errors before any training,
+and the whole protocol end to end on a tiny model and a miniature data root (resumable)."""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from reproduce_data import HARMFUL, SAFE, UNSAFE, all_texts, write_data_root
+
+from dcr_fast.reproduce import ReproduceConfig, reproduce
+from dcr_fast.reproduce.jobs import Job, JobFailed, run_jobs
+from dcr_fast.reproduce.pipeline import prepare
+from dcr_fast.reproduce.protocol_data import builtin_instructions, select
+from dcr_fast.tiny import save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STAGES = {
+    "dcr": {"epochs": 1, "batch_size": 8, "lr": 1e-4, "attn_implementation": "sdpa", "save_every": 0},
+    "sft": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "max_length": 96,
+            "attn_implementation": "sdpa", "save_every": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_data_root(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    return save_tiny_model(str(path), all_texts() + builtin_instructions(), hidden_size=32, layers=4, heads=4,
+                           kv_heads=2, intermediate_size=64)
+
+
+def _config(out: Path, data_root: Path, tiny: str, **overrides) -> ReproduceConfig:
+    fields = dict(model=tiny, out=str(out), data=str(data_root), seeds=[0], workers=1, device="cpu",
+                  dcr_seemingly_toxic=4, dcr_toxic=8, safety_examples=6, general_examples=8, general_heldout=4,
+                  answer_max_new_tokens=8, layer_probe_prompts=4, eval_limit=3, eval_max_new_tokens=6,
+                  eval_batch_size=8, stop_when_judged=True, entk_prompts=2, entk_tail_layers=1)
+    return ReproduceConfig(**{**fields, **overrides})
+
+
+def test_selection_keeps_the_stages_apart(data_root, tiny_model, tmp_path):
+    data = select(_config(tmp_path, data_root, tiny_model, eval_limit=0))
+    evaluated = {p.text for prompts in data.evaluation.values() for p in prompts}
+    safety_prompts = {p for p, _ in data.safety}
+    assert set(data.dcr_seemingly_toxic) <= set(SAFE) and len(data.dcr_seemingly_toxic) == 4
+    assert not set(data.dcr_toxic) & (safety_prompts | evaluated)  # HH-RLHF prompts that are also evaluated are out
+    assert not set(HARMFUL) & set(data.dcr_toxic)
+    assert not safety_prompts & evaluated
+    assert not set(data.heldout_instructions) & set(data.general_prompts)
+    assert {p.category for p in data.evaluation["xstest"]} == {"seemingly_toxic", "toxic"}
+    assert len(data.evaluation["xstest"]) == len(SAFE) + len(UNSAFE)
+    assert data.evaluation["instructions"] and all(p.category == "normal" for p in data.evaluation["instructions"])
+
+
+def test_eval_limit_takes_a_fixed_subset_per_category(data_root, tiny_model, tmp_path):
+    first = select(_config(tmp_path, data_root, tiny_model, eval_limit=3)).evaluation["xstest"]
+    second = select(_config(tmp_path, data_root, tiny_model, eval_limit=3)).evaluation["xstest"]
+    assert first == second
+    assert sorted(p.category for p in first) == ["seemingly_toxic"] * 3 + ["toxic"] * 3
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"model": "no-such-model"}, "model: 'no-such-model' is not a built-in name"),
+    ({"dcr_layer": 9}, "dcr_layer: expected 1..3"),
+    ({"dcr_toxic": 999}, "dcr_toxic: asked for 999"),
+    ({"benchmarks": ["xstest", "nope"]}, "benchmarks: unknown"),
+    ({"seeds": []}, "seeds: give at least one seed"),
+    ({"data": "/no/such/dir"}, "data: '/no/such/dir' is not a directory"),
+])
+def test_bad_input_fails_before_any_training(data_root, tiny_model, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        prepare(_config(tmp_path / "out", data_root, tiny_model, **overrides), STAGES)
+    assert not (tmp_path / "out" / "seed0").exists()
+
+
+def test_a_missing_benchmark_file_is_named(data_root, tiny_model, tmp_path):
+    config = _config(tmp_path / "out", data_root, tiny_model, benchmarks=["xstest", "phtest"])
+    with pytest.raises(ValueError, match=r"data: benchmark 'phtest' is expected at .*phtest/PHTest.csv"):
+        prepare(config, STAGES)
+
+
+def test_a_model_without_chat_template_is_refused_first(data_root, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = save_tiny_model(str(tmp_path / "m"), all_texts(), hidden_size=16, layers=2, heads=2, kv_heads=1,
+                           intermediate_size=32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    (Path(path) / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no chat template"):
+        prepare(_config(tmp_path / "out", data_root, path), STAGES)
+
+
+def test_protocol_fields_in_a_preset_are_refused(data_root, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"sft: the protocol sets \['safety_data'\] itself"):
+        prepare(_config(tmp_path / "out", data_root, tiny_model), {**STAGES, "sft": {"safety_data": ["x"]}})
+    with pytest.raises(ValueError, match="unknown config field"):
+        prepare(_config(tmp_path / "out", data_root, tiny_model), {**STAGES, "dcr": {"lerning_rate": 1}})
+
+
+def _answers(model, tokenizer, prompts, config, **kwargs):
+    """Stand-in for the base model's own answers: a random tiny model's greedy text is empty."""
+    return [f"Here is a short answer about {p.split()[-1]}" for p in prompts]
+
+
+def test_the_protocol_end_to_end_and_resumed(data_root, tiny_model, tmp_path, monkeypatch):
+    import dcr_fast.evaluation
+
+    monkeypatch.setattr(dcr_fast.evaluation, "generate", _answers)  # the answers job only; evaluation generates
+    config = _config(tmp_path / "run", data_root, tiny_model)
+    report = reproduce(config, STAGES, progress=False)
+    out = tmp_path / "run"
+    assert set(report["runs"]) == {"base", "dcr", "stl", "stl-aug", "dcr+stl"}
+    for run in ("dcr", "stl", "stl-aug", "dcr+stl"):
+        assert (out / "seed0" / run / "model" / "config.json").exists(), run
+    base = report["runs"]["base"]
+    assert set(base["compliance"]) == {"xstest", "coconot-contrast", "oktest"}
+    assert 0 <= base["instructions_compliance"]["mean"] <= 1
+    assert set(base["defense_success"]) == {"xstest", "i-malicious", "i-cona", "i-controversial", "q-harm", "advbench"}
+    assert set(report["claim"]) >= {"stl_over_refuses", "stl_defends", "dcr_complies_more", "dcr_keeps_safety"}
+    assert report["dcr_layer"] == json.loads((out / "layer.json").read_text())["chosen"]
+    assert set(report["entk"]["before"]) == {"toxic", "seemingly_toxic", "normal"}
+    for figure in report["figures"].values():
+        assert (out / figure).stat().st_size > 0
+    markdown = (out / "report.md").read_text()
+    assert "## Table 1 layout" in markdown and "published Table 1" in markdown
+    # a rerun finds every job done and rebuilds the same report
+    started = time.perf_counter()
+    again = reproduce(config, STAGES, progress=False)
+    assert time.perf_counter() - started < report["wall_s"]
+    assert again["runs"] == report["runs"]
+
+
+def test_changed_data_settings_in_the_same_folder_are_refused(data_root, tiny_model, tmp_path):
+    prepare(_config(tmp_path / "out", data_root, tiny_model), STAGES)
+    with pytest.raises(ValueError, match=r"other data settings \(safety_examples\)"):
+        prepare(_config(tmp_path / "out", data_root, tiny_model, safety_examples=5), STAGES)
+
+
+class _Bigram(torch.nn.Module):
+    """A language model whose next-token logits depend on the current token only."""
+
+    def __init__(self, vocab: int, banned: list[int], seed: int) -> None:
+        super().__init__()
+        table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+        table[:, banned] = -1e9  # never predicts a special token, so answers re-tokenize exactly
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, ids):
+        return types.SimpleNamespace(logits=self.table[ids])
+
+    def greedy(self, ids: list[int], steps: int) -> list[int]:
+        out = []
+        for _ in range(steps):
+            out.append(int(self.table[(out or ids)[-1]].argmax()))
+        return out
+
+
+def test_answer_fidelity_is_one_on_the_models_own_greedy_answers():
+    """Teacher-forced on its own greedy answers a model agrees with every token; another does not."""
+    from dcr_fast.chat import encode_prompt
+    from dcr_fast.reproduce.stages import answer_fidelity
+    from dcr_fast.tiny import tiny_tokenizer
+
+    prompts = ["how do i bake bread ?", "name three colors .", "what is a river ?"]
+    tokenizer = tiny_tokenizer(prompts + ["red green blue water flour"])
+    banned = tokenizer.all_special_ids
+    model, other = (_Bigram(len(tokenizer), banned, seed) for seed in (0, 1))
+    pairs = [(p, tokenizer.decode(model.greedy(encode_prompt(tokenizer, p), 4))) for p in prompts]
+    own = answer_fidelity(model, tokenizer, pairs)
+    assert own["agreement"] == 1.0 and own["tokens"] == 4 * len(prompts)
+    theirs = answer_fidelity(other, tokenizer, pairs)
+    assert theirs["agreement"] < 1.0 and theirs["nll"] > own["nll"]
+
+
+# --- the job runner --------------------------------------------------------------------------------
+
+
+def _write(path: str, text: str, wait_for: str | None = None) -> None:
+    if wait_for is not None:
+        assert Path(wait_for).exists(), f"{wait_for} should have been written first"
+    print(f"writing {path}")
+    Path(path).write_text(text)
+
+
+def _fail() -> None:
+    raise ValueError("broken on purpose")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_run_after_their_dependencies_with_one_log_each(tmp_path, workers):
+    a, b, c = (str(tmp_path / name) for name in "abc")
+    jobs = [Job("a", _write, (a, "1")), Job("b", _write, (b, "2")), Job("c", _write, (c, "3", a), ("a",))]
+    timings = run_jobs(jobs, workers=workers, threads=1, log_dir=tmp_path / "logs", progress=False)
+    assert set(timings) == {"a", "b", "c"} and Path(c).read_text() == "3"
+    assert f"writing {c}" in (tmp_path / "logs" / "c.log").read_text()
+
+
+def test_a_failed_job_is_named_with_its_log(tmp_path):
+    with pytest.raises(JobFailed, match=r"job 'bad' failed \(ValueError: broken on purpose\); its log: .*bad.log"):
+        run_jobs([Job("bad", _fail)], workers=1, threads=0, log_dir=tmp_path, progress=False)
+    assert "broken on purpose" in (tmp_path / "bad.log").read_text()
+
+
+def test_jobs_listed_before_their_dependencies_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="depends on"):
+        run_jobs([Job("c", _fail, (), ("a",)), Job("a", _fail)], workers=1, threads=0, log_dir=tmp_path, progress=False)
