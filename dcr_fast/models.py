@@ -212,10 +212,10 @@ def _dequantize(path: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def _load_errors(name: str | os.PathLike) -> Iterator[None]:
-    """Hugging Face's loading errors (a hub id offline, a broken directory) as one ``ValueError``."""
+    """Hugging Face's loading errors as one ``ValueError`` naming the model (the CLI's user-error rule)."""
     try:
         yield
-    except OSError as err:
+    except (OSError, ValueError) as err:  # e.g. a hub id offline, an unknown model_type, a broken config.json
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model: could not load {str(name)!r}: {first}") from err
 

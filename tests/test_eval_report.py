@@ -72,9 +72,9 @@ def _recording_generate(monkeypatch) -> list[list[str]]:
     asked: list[list[str]] = []
     real = harness.generate
 
-    def generate(model, tokenizer, prompts, config):
+    def generate(model, tokenizer, prompts, config, **kwargs):
         asked.append(list(prompts))
-        return real(model, tokenizer, prompts, config)
+        return real(model, tokenizer, prompts, config, **kwargs)
 
     monkeypatch.setattr(harness, "generate", generate)
     return asked

@@ -3,6 +3,7 @@ and the whole protocol end to end on a tiny model and a miniature data root (res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import types
@@ -41,7 +42,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 def _config(out: Path, data_root: Path, tiny: str, **overrides) -> ReproduceConfig:
     fields = dict(model=tiny, out=str(out), data=str(data_root), seeds=[0], workers=1, device="cpu",
-                  dcr_seemingly_toxic=4, dcr_toxic=8, safety_examples=6, general_examples=8, general_heldout=4,
+                  dcr_seemingly_toxic=4, dcr_toxic=8, safety_examples=5, safety_heldout=2, general_examples=8, general_heldout=4,
                   answer_max_new_tokens=8, layer_probe_prompts=4, eval_limit=3, eval_max_new_tokens=6,
                   eval_batch_size=8, stop_when_judged=True, entk_prompts=2, entk_tail_layers=1)
     return ReproduceConfig(**{**fields, **overrides})
@@ -59,6 +60,8 @@ def test_selection_keeps_the_stages_apart(data_root, tiny_model, tmp_path):
     assert {p.category for p in data.evaluation["xstest"]} == {"seemingly_toxic", "toxic"}
     assert len(data.evaluation["xstest"]) == len(SAFE) + len(UNSAFE)
     assert data.evaluation["instructions"] and all(p.category == "normal" for p in data.evaluation["instructions"])
+    heldout_safety = {p.text for p in data.evaluation["safety-heldout"]}
+    assert len(heldout_safety) == 2 and not heldout_safety & safety_prompts  # STL's validation is not trained on
 
 
 def test_eval_limit_takes_a_fixed_subset_per_category(data_root, tiny_model, tmp_path):
@@ -113,20 +116,32 @@ def _answers(model, tokenizer, prompts, config, **kwargs):
     return [f"Here is a short answer about {p.split()[-1]}" for p in prompts]
 
 
-def test_the_protocol_end_to_end_and_resumed(data_root, tiny_model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def finished_run(data_root, tiny_model, tmp_path_factory):
     import dcr_fast.evaluation
 
-    monkeypatch.setattr(dcr_fast.evaluation, "generate", _answers)  # the answers job only; evaluation generates
-    config = _config(tmp_path / "run", data_root, tiny_model)
-    report = reproduce(config, STAGES, progress=False)
-    out = tmp_path / "run"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dcr_fast.evaluation, "generate", _answers)  # the answers job only; evaluation generates
+    out = tmp_path_factory.mktemp("reproduce") / "run"
+    config = _config(out, data_root, tiny_model)
+    try:
+        yield config, reproduce(config, STAGES, progress=False)
+    finally:
+        patch.undo()
+
+
+def test_the_protocol_end_to_end_and_resumed(finished_run):
+    config, report = finished_run
+    out = Path(config.out)
     assert set(report["runs"]) == {"base", "dcr", "stl", "stl-aug", "dcr+stl"}
     for run in ("dcr", "stl", "stl-aug", "dcr+stl"):
         assert (out / "seed0" / run / "model" / "config.json").exists(), run
     base = report["runs"]["base"]
     assert set(base["compliance"]) == {"xstest", "coconot-contrast", "oktest"}
     assert 0 <= base["instructions_compliance"]["mean"] <= 1
-    assert set(base["defense_success"]) == {"xstest", "i-malicious", "i-cona", "i-controversial", "q-harm", "advbench"}
+    assert set(base["defense_success"]) == {"xstest", "i-malicious", "i-cona", "i-controversial", "q-harm", "advbench",
+                                            "safety-heldout"}
+    assert 0 <= base["safety_heldout"]["mean"] <= 1
     assert set(report["claim"]) >= {"stl_over_refuses", "stl_defends", "dcr_complies_more", "dcr_keeps_safety"}
     assert report["dcr_layer"] == json.loads((out / "layer.json").read_text())["chosen"]
     assert set(report["entk"]["before"]) == {"toxic", "seemingly_toxic", "normal"}
@@ -141,10 +156,31 @@ def test_the_protocol_end_to_end_and_resumed(data_root, tiny_model, tmp_path, mo
     assert again["runs"] == report["runs"]
 
 
+def test_a_changed_stage_setting_in_the_same_folder_is_refused(finished_run):
+    config, _ = finished_run
+    with pytest.raises(ValueError, match=r"holds a run trained with other settings \(lr: 0.0001 -> 0.0002\)"):
+        reproduce(config, {**STAGES, "dcr": {**STAGES["dcr"], "lr": 2e-4}}, progress=False)
+
+
+def test_a_dcr_ablation_reuses_what_does_not_depend_on_dcr(finished_run, tmp_path):
+    config, report = finished_run
+    source = Path(config.out)
+    ablation = dataclasses.replace(config, out=str(tmp_path / "ablation"), reuse=str(source))
+    stages = {**STAGES, "dcr": {**STAGES["dcr"], "center": "base-mean"}}
+    second = reproduce(ablation, stages, progress=False)
+    out = Path(ablation.out)
+    for shared in ("answers/general.jsonl", "base/eval/eval.json", "seed0/stl/model/model.safetensors",
+                   "seed0/stl-aug/eval/eval.json"):
+        assert (out / shared).stat().st_ino == (source / shared).stat().st_ino, shared  # linked, not redone
+    assert (out / "seed0" / "dcr" / "center.pt").exists() and not (source / "seed0" / "dcr" / "center.pt").exists()
+    assert second["runs"]["stl"] == report["runs"]["stl"] and second["runs"]["base"] == report["runs"]["base"]
+    assert set(second["timings_s"]) >= {"dcr/0", "dcr+stl/0"}
+
+
 def test_changed_data_settings_in_the_same_folder_are_refused(data_root, tiny_model, tmp_path):
     prepare(_config(tmp_path / "out", data_root, tiny_model), STAGES)
     with pytest.raises(ValueError, match=r"other data settings \(safety_examples\)"):
-        prepare(_config(tmp_path / "out", data_root, tiny_model, safety_examples=5), STAGES)
+        prepare(_config(tmp_path / "out", data_root, tiny_model, safety_examples=4), STAGES)
 
 
 class _Bigram(torch.nn.Module):
@@ -194,7 +230,13 @@ def _write(path: str, text: str, wait_for: str | None = None) -> None:
 
 
 def _fail() -> None:
-    raise ValueError("broken on purpose")
+    from dcr_fast.runtime import resolve_dtype
+
+    resolve_dtype("float7")  # bad input, refused by our own check
+
+
+def _bug() -> None:
+    return {}["missing"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -207,11 +249,14 @@ def test_jobs_run_after_their_dependencies_with_one_log_each(tmp_path, workers):
 
 
 def test_a_failed_job_is_named_with_its_log(tmp_path):
-    with pytest.raises(JobFailed, match=r"job 'bad' failed \(ValueError: broken on purpose\); its log: .*bad.log"):
+    with pytest.raises(ValueError, match=r"dtype: expected one of .* \(in job bad; its log: .*bad.log\)"):
         run_jobs([Job("bad", _fail)], workers=1, threads=0, log_dir=tmp_path, progress=False)
-    assert "broken on purpose" in (tmp_path / "bad.log").read_text()
+    assert "float7" in (tmp_path / "bad.log").read_text()
+    with pytest.raises(JobFailed, match=r"job 'bug' failed \(KeyError: 'missing'\); its log: .*bug.log"):
+        run_jobs([Job("bug", _bug)], workers=1, threads=0, log_dir=tmp_path, progress=False)
+    assert "Traceback" in (tmp_path / "bug.log").read_text()
 
 
 def test_jobs_listed_before_their_dependencies_are_refused(tmp_path):
     with pytest.raises(ValueError, match="depends on"):
-        run_jobs([Job("c", _fail, (), ("a",)), Job("a", _fail)], workers=1, threads=0, log_dir=tmp_path, progress=False)
+        run_jobs([Job("c", _bug, (), ("a",)), Job("a", _bug)], workers=1, threads=0, log_dir=tmp_path, progress=False)

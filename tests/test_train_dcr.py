@@ -99,6 +99,18 @@ def test_base_mean_center_is_measured_once_and_kept_for_resume(tiny_model, promp
         config(tiny_model, out, prompt_files, center="mean")
 
 
+@pytest.mark.parametrize("sizes", [(2, 2), (3, 5), (16, 16)])
+def test_circle_floor_is_the_loss_of_a_batch_beyond_every_margin(sizes):
+    from dcr_fast import CircleLoss
+    from dcr_fast.train.dcr import circle_floor
+
+    labels = [0] * sizes[0] + [1] * sizes[1]
+    embeddings = torch.eye(2, dtype=torch.float64)[labels]  # positives identical, negatives orthogonal
+    loss = CircleLoss(m=0.25, gamma=16.0, variant="dcr")(embeddings, torch.tensor(labels))
+    assert abs(loss.item() - circle_floor(labels)) < 1e-12
+    assert loss.item() > 0
+
+
 def test_every_batch_holds_both_subsets():
     cfg = DCRConfig(batch_size=32, balance=0.5, epochs=3, seed=2)
     plan = plan_batches(25, 500, cfg)

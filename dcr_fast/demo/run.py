@@ -53,6 +53,7 @@ from dcr_fast.config import (
     load_yaml,
     resolve_config_path,
 )
+from dcr_fast.data.files import read_jsonl
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, ExampleSet, load_example_set, write_jsonl
 from dcr_fast.tiny import save_tiny_model
 from dcr_fast import models
@@ -142,7 +143,7 @@ def circle_convergence(log: Path) -> dict[str, Any]:
     step within 0.01 of that floor, ``last10_max`` the highest loss of the last ten steps (at
     the floor when the stage ended converged).
     """
-    circle = [row["circle"] for row in map(json.loads, log.read_text().splitlines()) if "circle" in row]
+    circle = [row["circle"] for row in read_jsonl(log, "demo: the DCR log", torn_tail=True) if "circle" in row]
     floor = min(circle)
     return {"steps": len(circle), "floor": floor, "floor_step": next(i for i, c in enumerate(circle, 1) if c < floor + 0.01),
             "last10_max": max(circle[-10:])}
@@ -476,7 +477,7 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="with --tiny: full (six seeds, ~6 min on 2 quiet cores) or ci (every stage in minutes)")
     add_config_arguments(parser, DemoConfig)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint="rerun the same command to continue: finished stages are kept")
 
 
 # Flags that mean the same for the toy and for the real-model protocol.

@@ -17,13 +17,14 @@ from dcr_fast.config import add_config_arguments, config_from_args, load_yaml, r
 from dcr_fast.reproduce.config import PRESETS, ReproduceConfig
 
 DATA_ENV = "DCR_FAST_DATA"
+RESUME_HINT = "rerun the same command to continue: finished jobs are kept, interrupted training resumes from its checkpoint"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("reproduce", help="the paper's protocol end to end on a real model; Table 1 report",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, resume_hint=RESUME_HINT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

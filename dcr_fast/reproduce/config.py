@@ -31,6 +31,10 @@ class ReproduceConfig:
                 "empty: the Hugging Face hub"})
     alpaca: str = dataclasses.field(default="", metadata={
         "help": "Alpaca-format JSON for STL's general data; empty: self-distilled answers to the built-in instructions"})
+    reuse: str = dataclasses.field(default="", metadata={
+        "help": "another run folder of the same data settings: link the results that do not depend on the DCR "
+                "stage (answers, layer probe, base evaluation, STL and STL-aug runs of equal settings) instead of "
+                "recomputing them, for ablations of DCR"})
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     workers: int = dataclasses.field(default=1, metadata={"help": "jobs run at once, each in its own process"})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch CPU threads per job (0: torch's default)"})
@@ -41,6 +45,8 @@ class ReproduceConfig:
         "help": "XSTest safe prompts in DCR (and, answered, in STL-aug)"})
     dcr_toxic: int = dataclasses.field(default=500, metadata={"help": "HH-RLHF harmless-base first turns in DCR"})
     safety_examples: int = dataclasses.field(default=1000, metadata={"help": "Safety-Tuned LLaMAs safety pairs in STL"})
+    safety_heldout: int = dataclasses.field(default=100, metadata={
+        "help": "more of their prompts held out of STL and evaluated: the safety SFT's own validation"})
     general_examples: int = dataclasses.field(default=20000, metadata={
         "help": "general instruction pairs in STL (at most the built-in set's training split when self-distilled)"})
     general_heldout: int = dataclasses.field(default=64, metadata={
@@ -77,7 +83,8 @@ class ReproduceConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("threads", "eval_limit", "dcr_layer", "general_heldout", "entk_prompts", "max_response_tokens"):
+        for name in ("threads", "eval_limit", "dcr_layer", "general_heldout", "safety_heldout", "entk_prompts",
+                     "max_response_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.entk_prompts and self.entk_tail_layers < 1:

@@ -14,6 +14,7 @@ import dataclasses
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from dcr_fast.cli import is_user_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,8 @@ class Job:
 
 
 class JobFailed(RuntimeError):
-    """A job raised; the message names it and points at its log."""
+    """A job failed with a bug (not bad input); the message names it and points at its log, which
+    holds the traceback. Bad input found by a job is re-raised as the same user error, naming the job."""
 
 
 def run_jobs(jobs: Sequence[Job], *, workers: int, threads: int, log_dir: Path, progress: bool = True) -> dict[str, float]:
@@ -57,7 +61,7 @@ def run_jobs(jobs: Sequence[Job], *, workers: int, threads: int, log_dir: Path, 
         while pending or running:
             for job in [j for j in pending if all(d in done for d in j.deps)][: workers - len(running)]:
                 pending.remove(job)
-                running[pool.submit(_run_logged, job, threads, log_dir)] = job
+                running[pool.submit(_run_logged, job, threads, log_dir, False, os.getpid())] = job
                 bar.set_postfix_str(", ".join(j.name for j in running.values()))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -73,9 +77,12 @@ def run_jobs(jobs: Sequence[Job], *, workers: int, threads: int, log_dir: Path, 
     return done
 
 
-def _run_logged(job: Job, threads: int, log_dir: Path, in_process: bool = False) -> float:
+def _run_logged(job: Job, threads: int, log_dir: Path, in_process: bool = False, parent: int | None = None) -> float:
     """Run one job with its output (Python and C level) appended to its log; raises JobFailed."""
     import torch
+
+    if parent is not None:
+        _exit_with(parent)
 
     log = log_dir / f"{job.name.replace('/', '_')}.log"
     started = time.perf_counter()
@@ -98,6 +105,8 @@ def _run_logged(job: Job, threads: int, log_dir: Path, in_process: bool = False)
             handle.flush()
             if isinstance(error, KeyboardInterrupt):
                 raise
+            if is_user_error(error):  # bad input found inside a job stays a user error, named by its job
+                raise type(error)(f"{error} (in job {job.name}; its log: {log})") from None
             raise JobFailed(f"job {job.name!r} failed ({type(error).__name__}: {error}); its log: {log}") from None
         finally:
             sys.stdout.flush()
@@ -109,6 +118,24 @@ def _run_logged(job: Job, threads: int, log_dir: Path, in_process: bool = False)
             if in_process:
                 torch.set_num_threads(saved)
     return time.perf_counter() - started
+
+
+_WATCHING: list[int] = []
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker process when ``parent`` is gone (killed, not just interrupted): a job left
+    running without its runner would hold a core and write into the run folder unseen."""
+    if _WATCHING:
+        return
+    _WATCHING.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _report(bar, name: str, seconds: float) -> None:

@@ -16,7 +16,10 @@ own answers), ``layer.json``, ``seed<s>/<run>/`` (each trained run: ``model/`` l
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from dcr_fast import atomic, models
@@ -37,6 +40,10 @@ def reproduce(config: ReproduceConfig, stages: dict[str, dict[str, Any]], *, pro
 
     started = time.perf_counter()
     plan = prepare(config, stages)
+    if config.reuse:
+        linked = reuse(plan, config.reuse)
+        if progress and linked:
+            print(f"reproduce: reusing {', '.join(linked)} from {config.reuse}")
     timings = run_jobs(jobs(plan), workers=config.workers, threads=config.threads, log_dir=plan.path("logs"),
                        progress=progress)
     report = build_report(plan, timings, wall_s=time.perf_counter() - started)
@@ -83,8 +90,61 @@ def prepare(config: ReproduceConfig, stages: dict[str, dict[str, Any]]) -> Plan:
     return plan
 
 
-_DATA_SETTINGS = ("data", "alpaca", "dcr_seemingly_toxic", "dcr_toxic", "safety_examples", "general_examples",
-                  "general_heldout", "benchmarks", "eval_limit", "max_response_tokens")
+_DATA_SETTINGS = ("data", "alpaca", "dcr_seemingly_toxic", "dcr_toxic", "safety_examples", "safety_heldout", "general_examples",
+                  "general_heldout", "benchmarks", "eval_limit", "max_response_tokens", "answer_max_new_tokens")
+
+
+def reuse(plan: Plan, source: str | Path) -> list[str]:
+    """Link into ``plan``'s folder what another run folder ``source`` holds with the same inputs.
+
+    For ablations of the DCR stage: the base model's answers, the layer probe, the base model's
+    evaluation and every finished STL and STL-aug run (with its evaluation) do not depend on DCR's
+    settings, so a run that changes only those reuses them instead of training them again. Only
+    runs whose training config equals this run's (paths aside) are taken; every reused result is
+    checked again by its job's own key, as if it had been computed here. Files are hard links where
+    the filesystem allows (atomic rewrites replace links, never the source's files).
+    """
+    from dcr_fast.reproduce.stages import training_config
+
+    source = Path(source)
+    mine = json.loads(plan.path("data", "protocol.json").read_text())["selection"]
+    theirs_file = source / "data" / "protocol.json"
+    if not theirs_file.exists():
+        raise ValueError(f"reuse: {str(source)!r} holds no reproduce run (no data/protocol.json)")
+    theirs = json.loads(theirs_file.read_text())["selection"]
+    changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if changed:
+        raise ValueError(f"reuse: {str(source)!r} was made with other data settings ({', '.join(changed)})")
+    candidates = [Path("answers"), Path("layer.json"), Path("base")]
+    for seed in plan.config["seeds"]:
+        for run in ("stl", "stl-aug"):
+            summary = source / f"seed{seed}" / run / "summary.json"
+            if summary.exists() and _same_training(json.loads(summary.read_text()), training_config(plan, run, seed)[0]):
+                candidates.append(Path(f"seed{seed}") / run)
+    linked = []
+    for relative in candidates:
+        if (source / relative).exists() and not plan.path(str(relative)).exists():
+            _link(source / relative, plan.path(str(relative)))
+            linked.append(str(relative))
+    return linked
+
+
+def _same_training(saved: dict[str, Any], config) -> bool:
+    from dcr_fast.reproduce.stages import comparable_config
+
+    return bool(saved.get("finished")) and comparable_config(saved.get("config", {})) == comparable_config(config_to_dict(config))
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=os.link)
+        else:
+            os.link(source, target)
+    except OSError:  # another filesystem: copy instead
+        shutil.rmtree(target, ignore_errors=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
 
 
 def jobs(plan: Plan) -> list[Job]:

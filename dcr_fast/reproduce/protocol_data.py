@@ -6,7 +6,8 @@ implies, enforced here rather than trusted:
 
 * DCR's toxic prompts (HH-RLHF harmless-base first turns) share no text with STL's safety
   prompts, nor with any evaluated prompt;
-* STL's safety pairs share no prompt with any evaluated prompt;
+* STL's safety pairs share no prompt with any evaluated prompt; ``safety_heldout`` more of them are
+  kept out of training and evaluated, the safety SFT's own validation set (how strongly STL took);
 * the built-in general instructions are split once: a training part (self-distilled answers
   for STL) and a held-out part used only by the general-ability proxy.
 
@@ -50,6 +51,8 @@ DATA_LAYOUT = {
     "alpaca": "alpaca/alpaca_data.json",
 }
 INSTRUCTIONS = "instructions"  # the built-in general instructions, evaluated as a benchmark of their own
+# Safety-Tuned LLaMAs safety prompts kept out of STL: the safety SFT's own validation (training distribution).
+SAFETY_HELDOUT = "safety-heldout"
 
 
 @dataclasses.dataclass
@@ -111,8 +114,12 @@ def select(config: ReproduceConfig) -> ProtocolData:
 
     safety = [(e.prompt, e.response) for e in unique(load_benchmark("stl-train", benchmark_source("stl-train", config.data)))
               if _key(e.prompt) not in evaluated]
-    safety = _sample(safety, config.safety_examples, rng, "safety_examples", "Safety-Tuned LLaMAs safety pairs")
-    safety_keys = {_key(prompt) for prompt, _ in safety}
+    chosen = _sample(list(range(len(safety))), config.safety_examples + config.safety_heldout, rng, "safety_examples",
+                     "Safety-Tuned LLaMAs safety pairs (with safety_heldout)")
+    rng.shuffle(chosen)
+    heldout_safety = [safety[i][0] for i in sorted(chosen[config.safety_examples :])]
+    safety = [safety[i] for i in sorted(chosen[: config.safety_examples])]
+    safety_keys = {_key(prompt) for prompt, _ in safety} | {_key(prompt) for prompt in heldout_safety}
 
     hh = unique(load_benchmark("hh-rlhf-harmless", benchmark_source("hh-rlhf-harmless", config.data)))
     toxic = [p.text for p in hh if p.category == TOXIC and _key(p.text) not in safety_keys | evaluated]
@@ -134,6 +141,8 @@ def select(config: ReproduceConfig) -> ProtocolData:
         general_prompts = train[: config.general_examples]
     if heldout:
         evaluation[INSTRUCTIONS] = [Prompt(text, "normal", INSTRUCTIONS) for text in heldout]
+    if heldout_safety:
+        evaluation[SAFETY_HELDOUT] = [Prompt(text, TOXIC, SAFETY_HELDOUT) for text in heldout_safety]
     return ProtocolData(seemingly, toxic, safety, general_prompts, general_pairs, heldout, evaluation)
 
 

@@ -23,7 +23,7 @@ from dcr_fast import atomic
 from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER, SAFETY_ORDER, markdown_table, plot_entk, plot_rates, save_figure
 from dcr_fast.reproduce import paper
 from dcr_fast.reproduce.config import EVALUATED, RUNS
-from dcr_fast.reproduce.protocol_data import INSTRUCTIONS
+from dcr_fast.reproduce.protocol_data import INSTRUCTIONS, SAFETY_HELDOUT
 from dcr_fast.reproduce.stages import Plan, dcr_layer
 
 # Tolerance of the paper's claim "comparable safety": defense success within this of STL's.
@@ -68,6 +68,7 @@ def summarize(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
             "xstest_compliance": over.get("xstest"),
             "safety": statistics.fmean(safety.values()) if safety else None,
             "instructions_compliance": result["compliance"].get(INSTRUCTIONS),
+            "safety_heldout": result["defense_success"].get(SAFETY_HELDOUT),
             "general_nll": result.get("general", {}).get("nll"),
             "general_agreement": result.get("general", {}).get("agreement"),
             "refusal_probability": result.get("refusal_probability", {}),
@@ -75,8 +76,8 @@ def summarize(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
             "separation": result.get("separation"),
         })
     summary = {"per_seed": rows}
-    for key in ("over_refusal_compliance", "xstest_compliance", "safety", "instructions_compliance", "general_nll",
-                "general_agreement"):
+    for key in ("over_refusal_compliance", "xstest_compliance", "safety", "instructions_compliance", "safety_heldout",
+                "general_nll", "general_agreement"):
         values = [r[key] for r in rows if r[key] is not None]
         summary[key] = spread(values) if values else None
     for key in ("compliance", "defense_success"):
@@ -130,6 +131,9 @@ def _training(run_dir: Path) -> dict[str, Any] | None:
         for key in ("circle", "nll"):
             if rows and key in rows[0]:
                 result[f"{key}_first_last"] = [rows[0][key], rows[-1][key]]
+        if rows and "circle_floor" in rows[0]:  # how far above its floor (all pairs past their margins)
+            excess = [r["circle"] - r["circle_floor"] for r in rows]
+            result["circle_excess_first_last10"] = [excess[0], sum(excess[-10:]) / len(excess[-10:])]
     return result
 
 
@@ -167,10 +171,14 @@ def report_markdown(report: dict[str, Any]) -> str:
              "(single values with one seed). Compliance: XSTest string-match rule on greedy answers (higher is "
              "better); defense success: the same rule on harmful prompts (a refusal counts as a defense).", ""]
     lines += ["## Table 1 layout", ""]
-    lines += markdown_table(["run", *over, "over-refusal mean", *safety, "safety mean", "XSTest unsafe"],
+    lines += markdown_table(["run", *over, "over-refusal mean", *safety, "safety mean", "XSTest unsafe",
+                             "STL validation"],
                             [[name, *(_pm(run["compliance"].get(b)) for b in over), _pm(run["over_refusal_compliance"]),
                               *(_pm(run["defense_success"].get(b)) for b in safety), _pm(run["safety"]),
-                              _pm(run["defense_success"].get("xstest"))] for name, run in runs.items()])
+                              _pm(run["defense_success"].get("xstest")), _pm(run["safety_heldout"])]
+                             for name, run in runs.items()])
+    lines += ["", "STL validation: defense success on Safety-Tuned LLaMAs safety prompts held out of STL (the safety "
+              "SFT's own training distribution; not part of the safety mean).", ""]
     lines += ["", "## The paper's claim, checked", ""]
     lines += [f"- {'holds' if c['holds'] else 'does NOT hold'}: {c['what']}" for k, c in report["claim"].items()
               if isinstance(c, dict) and "holds" in c]
@@ -232,15 +240,17 @@ def _diagnostics(report: dict[str, Any]) -> list[str]:
         lines += [f"Layer probe: {probe['rule']}; window {probe['window']}, chosen {probe['chosen']}; accuracy per "
                   "layer: " + " ".join(f"{a:.2f}" for a in probe["accuracy_per_layer"]), ""]
     training = [[f"{run}/seed {seed}", str(t.get("steps_total")), f"{t.get('final_loss', float('nan')):.3f}",
-                 _first_last(t, "circle"), _first_last(t, "nll")]
+                 _first_last(t, "circle"), _first_last(t, "circle_excess"), _first_last(t, "nll")]
                 for run, per_seed in report["training"].items() for seed, t in zip(report["seeds"], per_seed) if t]
-    lines += ["Training: optimizer steps, final loss, Circle loss and prompt NLL first → last step (DCR):", ""]
-    lines += markdown_table(["run", "steps", "final loss", "circle", "nll"], training)
+    lines += ["Training: optimizer steps and final loss; for DCR the Circle loss, its excess over the floor it reaches "
+              "once every pair of a batch is past its margin (first step → mean of the last ten), and the NLL of the "
+              "templated prompts (first → last step):", ""]
+    lines += markdown_table(["run", "steps", "final loss", "circle", "circle − floor", "prompt NLL"], training)
     return lines
 
 
 def _first_last(training: dict[str, Any], key: str) -> str:
-    pair = training.get(f"{key}_first_last")
+    pair = training.get(f"{key}_first_last") or training.get(f"{key}_first_last10")
     return f"{pair[0]:.2f} → {pair[1]:.2f}" if pair else "–"
 
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from dcr_fast import atomic, models
-from dcr_fast.config import config_from_dict
+from dcr_fast import atomic, fingerprint, models
+from dcr_fast.config import config_from_dict, config_to_dict
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC, Prompt, load_benchmark
 from dcr_fast.data.files import load_pairs, load_prompts
 from dcr_fast.reproduce.config import ReproduceConfig
-from dcr_fast.reproduce.protocol_data import DATA_SEED, INSTRUCTIONS, benchmark_source
+from dcr_fast.reproduce.protocol_data import DATA_SEED, INSTRUCTIONS, SAFETY_HELDOUT, benchmark_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,31 +139,53 @@ def dcr_layer(plan: Plan) -> int:
 
 def train_job(plan: Plan, run: str, seed: int) -> None:
     """One trained model: ``stl``, ``stl-aug``, ``dcr`` or ``dcr+stl`` for ``seed`` (resumes)."""
+    config, train = training_config(plan, run, seed)
+    if not _finished(plan.run_dir(run, seed), config):
+        train(config)
+
+
+def training_config(plan: Plan, run: str, seed: int):
+    """The stage config of ``run`` for ``seed``, and the function that trains it."""
     from dcr_fast.train.dcr import DCRConfig, run_dcr
     from dcr_fast.train.sft import SFTConfig, run_sft
 
-    out = plan.run_dir(run, seed)
-    if _finished(out):
-        return
     settings = plan.settings
-    common = {"seed": seed, "device": settings.device, "resume": True, "out": str(out),
+    common = {"seed": seed, "device": settings.device, "resume": True, "out": str(plan.run_dir(run, seed)),
               "progress": False}
     if run == "dcr":
         fields = {**plan.stages["dcr"], **common, "model": plan.base, "layer": dcr_layer(plan),
                   "seemingly_toxic": [plan.data("dcr-seemingly-toxic")], "toxic": [plan.data("dcr-toxic")]}
-        run_dcr(config_from_dict(DCRConfig, fields))
-        return
+        return config_from_dict(DCRConfig, fields), run_dcr
     general = plan.data("general") if plan_uses_alpaca(plan) else str(plan.path("answers", "general.jsonl"))
     data = {"data": [general], "safety_data": [plan.data("safety")]}
     if run == "stl-aug":
         data["aug_data"] = [str(plan.path("answers", "aug.jsonl"))]
     start = plan.model_dir("dcr", seed) if run == "dcr+stl" else plan.base
-    run_sft(config_from_dict(SFTConfig, {**plan.stages["sft"], **common, **data, "model": start}))
+    return config_from_dict(SFTConfig, {**plan.stages["sft"], **common, **data, "model": start}), run_sft
 
 
-def _finished(out: Path) -> bool:
+def _finished(out: Path, config) -> bool:
+    """Whether ``out`` holds this exact run, finished; a finished run with other settings is refused."""
     summary = out / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("finished", False)
+    if not summary.exists():
+        return False
+    saved = json.loads(summary.read_text())
+    changed = fingerprint.differences(comparable_config(saved.get("config", {})), comparable_config(config_to_dict(config)))
+    if changed:
+        raise ValueError(f"out: {str(out)!r} holds a run trained with other settings ({'; '.join(changed)}); "
+                         "use another --out")
+    return bool(saved.get("finished"))
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stage config's settings: without the fields that may differ between a run and its continuation,
+    nor the paths this protocol derives from the output folder (their contents are keyed separately:
+    ``data/protocol.json`` holds the selection, and the base model's answers are one job's output)."""
+    return {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
+
+
+_NOT_SETTINGS = {"resume", "overwrite", "max_steps", "save_every", "progress", "out", "data", "safety_data", "aug_data",
+                 "seemingly_toxic", "toxic"}
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -177,14 +199,20 @@ def eval_job(plan: Plan, run: str, seed: int | None) -> None:
 
     out = plan.run_dir(run, seed) / "eval"
     result_path = out / "eval.json"
-    if result_path.exists():
-        return
     settings = plan.settings
     benchmarks = evaluation_sets(plan)
-    model, tokenizer = models.load(plan.model_dir(run, seed), dtype=settings.dtype, device=settings.device)
     config = EvalConfig(max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.eval_batch_size,
                         refusal_probability=False, stop_when_judged=settings.stop_when_judged, progress=False)
-    result = evaluate(model, tokenizer, benchmarks, config, judge=RefusalFilter(), out_dir=out)
+    model_key = fingerprint.model_fingerprint(plan.model_dir(run, seed))
+    key = {"model": model_key["sha256"], "dtype": settings.dtype, "eval": dataclasses.asdict(config),
+           "refusal_probability": settings.refusal_probability, "layer": dcr_layer(plan),
+           "prompts": fingerprint.text_sha256(json.dumps({n: [p.text for p in ps] for n, ps in benchmarks.items()}))}
+    if result_path.exists() and json.loads(result_path.read_text()).get("key") == key:
+        return
+    model, tokenizer = models.load(plan.model_dir(run, seed), dtype=settings.dtype, device=settings.device)
+    # an evaluation whose key differs (the model was retrained, a setting changed) is redone from scratch
+    result = evaluate(model, tokenizer, benchmarks, config, judge=RefusalFilter(), out_dir=out, model_key=model_key,
+                      overwrite=result_path.exists())
     result["refusal_probability"] = {}
     for name in settings.refusal_probability:
         prompts = benchmarks[name]
@@ -195,13 +223,14 @@ def eval_job(plan: Plan, run: str, seed: int | None) -> None:
     result["general"] = general_proxy(plan, model, tokenizer)
     result["xstest_split"] = _xstest_split(plan, out)
     result["separation"] = _xstest_separation(plan, model, tokenizer)
+    result["key"] = key
     atomic.write_json(result_path, result)
 
 
 def evaluation_sets(plan: Plan) -> dict[str, list[Prompt]]:
     """The evaluated prompts, as ``prepare`` selected them (``OUT/data/eval-<name>.jsonl``)."""
     sets = {}
-    for name in [*plan.config["benchmarks"], INSTRUCTIONS]:
+    for name in [*plan.config["benchmarks"], INSTRUCTIONS, SAFETY_HELDOUT]:
         path = Path(plan.data(f"eval-{name}"))
         if path.exists():
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -285,9 +314,12 @@ def entk_job(plan: Plan, seed: int) -> None:
     from dcr_fast.ntk import entk_matrix
 
     out = plan.path("entk", "entk.json")
-    if out.exists():
-        return
     settings = plan.settings
+    key = {"before": fingerprint.model_fingerprint(plan.model_dir("base", None))["sha256"],
+           "after": fingerprint.model_fingerprint(plan.model_dir("dcr", seed))["sha256"],
+           "settings": [settings.entk_prompts, settings.entk_tail_layers, settings.entk_k]}
+    if out.exists() and json.loads(out.read_text()).get("key") == key:
+        return
     rng = random.Random(DATA_SEED)
     xstest = load_benchmark("xstest", benchmark_source("xstest", settings.data))
     groups = {
@@ -303,9 +335,10 @@ def entk_job(plan: Plan, seed: int) -> None:
         model, tokenizer = models.load(plan.model_dir(run, seed), dtype="float32", attn_implementation="eager",
                                        device=settings.device)
         matrix = entk_matrix(model, tokenizer, groups, k=settings.entk_k, tail_layers=settings.entk_tail_layers,
-                             out_dir=plan.path("entk", label), progress=False)
+                             out_dir=plan.path("entk", label), progress=False, identity={"sha256": key[label]},
+                             overwrite=out.exists())
         result[label] = matrix.means_dict()
-    atomic.write_json(out, result)
+    atomic.write_json(out, {**result, "key": key})
 
 
 # --- files -----------------------------------------------------------------------------------------

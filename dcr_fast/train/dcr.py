@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -194,6 +195,19 @@ def base_center(model, encoded: list[list[list[int]]], layer: int, *, device: to
                   for i in range(0, len(prompts), batch_size)]
         means.append(torch.cat(states).mean(0))
     return torch.stack(means).mean(0).float()
+
+
+def circle_floor(labels: list[int]) -> float:
+    """The lowest value the ``dcr`` variant of the Circle loss takes on a batch with these labels.
+
+    Once every pair is beyond its margin its weight is 0, so it adds exp(0) = 1 inside its
+    log-sum-exp: row i's loss is log(1 + P_i·N_i) (P_i positives, N_i negatives), not 0. A run's
+    distance from this floor, not the raw loss, says how far its batches are from separated.
+    """
+    counts = Counter(labels)
+    rows = [math.log1p((counts[label] - 1) * (len(labels) - counts[label])) for label in labels]
+    rows = [row for row in rows if row > 0]
+    return sum(rows) / len(rows) if rows else 0.0
 
 
 def freeze_above(model, layer: int, *, freeze_embeddings: bool) -> dict[str, torch.nn.Parameter]:
