@@ -145,6 +145,7 @@ def test_the_protocol_end_to_end_and_resumed(finished_run):
     assert set(report["claim"]) >= {"stl_over_refuses", "stl_defends", "dcr_complies_more", "dcr_keeps_safety"}
     assert report["dcr_layer"] == json.loads((out / "layer.json").read_text())["chosen"]
     assert set(report["entk"]["before"]) == {"toxic", "seemingly_toxic", "normal"}
+    _check_forecast(out, report["forecast"])
     for figure in report["figures"].values():
         assert (out / figure).stat().st_size > 0
     markdown = (out / "report.md").read_text()
@@ -154,6 +155,29 @@ def test_the_protocol_end_to_end_and_resumed(finished_run):
     again = reproduce(config, STAGES, progress=False)
     assert time.perf_counter() - started < report["wall_s"]
     assert again["runs"] == report["runs"]
+
+
+def _check_forecast(out: Path, forecast: dict) -> None:
+    """Scored on every benign over-refusal prompt evaluated; flips counted from the two evaluations."""
+    benign = []
+    for name in ("xstest", "coconot-contrast", "oktest"):
+        rows = [json.loads(line) for line in (out / "data" / f"eval-{name}.jsonl").read_text().splitlines()]
+        benign += [(name, r["text"]) for r in rows if r["category"] == "seemingly_toxic"]
+    scores = json.loads((out / "forecast" / "scores.json").read_text())
+    assert [(r["benchmark"], r["prompt"]) for r in scores["prompts"]] == benign
+    assert forecast["prompts"] == len(benign) and forecast["settings"]["param_set"] == "lora"
+
+    def refused(run: str) -> dict:
+        return {(name, r["prompt"]): r["refusal"] for name in ("xstest", "coconot-contrast", "oktest")
+                for line in (out / run / "eval" / "generations" / f"{name}.jsonl").read_text().splitlines()
+                for r in [json.loads(line)]}
+
+    before, after = refused("base"), refused("seed0/stl")
+    counts = forecast["per_seed"][0]["forecast"]
+    assert counts["population"] == sum(not before[p] for p in benign)
+    assert counts["flipped"] == sum(after[p] and not before[p] for p in benign)
+    assert set(forecast["auroc"]) == {"forecast", "cosine_to_safety", "base_refusal_probability",
+                                      "base_refusal_first_token", "random"}
 
 
 def test_a_changed_stage_setting_in_the_same_folder_is_refused(finished_run):
@@ -170,7 +194,7 @@ def test_a_dcr_ablation_reuses_what_does_not_depend_on_dcr(finished_run, tmp_pat
     second = reproduce(ablation, stages, progress=False)
     out = Path(ablation.out)
     for shared in ("answers/general.jsonl", "base/eval/eval.json", "seed0/stl/model/model.safetensors",
-                   "seed0/stl-aug/eval/eval.json"):
+                   "seed0/stl-aug/eval/eval.json", "forecast/scores.json"):
         assert (out / shared).stat().st_ino == (source / shared).stat().st_ino, shared  # linked, not redone
     assert (out / "seed0" / "dcr" / "center.pt").exists() and not (source / "seed0" / "dcr" / "center.pt").exists()
     assert second["runs"]["stl"] == report["runs"]["stl"] and second["runs"]["base"] == report["runs"]["base"]

@@ -74,6 +74,9 @@ class ReproduceConfig:
         "help": "prompts per group for the eNTK heatmap before/after DCR (paper Fig. 6; 0: skip)"})
     entk_tail_layers: int = dataclasses.field(default=2, metadata={"help": "decoder layers in θ_S, with the output layer"})
     entk_k: int = 5
+    forecast_param_set: str = dataclasses.field(default="lora", metadata={
+        "help": "parameters of the over-refusal forecast scored before training and checked against STL's "
+                "flips (dcr-fast forecast): lora (STL's adapters), tail (θ_S), or none to skip"})
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -89,6 +92,8 @@ class ReproduceConfig:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.entk_prompts and self.entk_tail_layers < 1:
             raise ValueError(f"entk_tail_layers: expected >= 1, got {self.entk_tail_layers}")
+        if self.forecast_param_set not in ("lora", "tail", "none"):
+            raise ValueError(f"forecast_param_set: expected lora, tail or none, got {self.forecast_param_set!r}")
         from dcr_fast.data import BENCHMARKS
 
         unknown = sorted(set(self.benchmarks) - set(BENCHMARKS))

@@ -26,6 +26,7 @@ from dcr_fast import atomic, models
 from dcr_fast.config import config_to_dict
 from dcr_fast.reproduce import protocol_data
 from dcr_fast.reproduce.config import RUNS, ReproduceConfig
+from dcr_fast.reproduce.forecasting import forecast_job
 from dcr_fast.reproduce.jobs import Job, run_jobs
 from dcr_fast.reproduce.stages import Plan, answers_job, entk_job, eval_job, layer_job, train_job, write_pairs
 
@@ -98,7 +99,7 @@ def reuse(plan: Plan, source: str | Path) -> list[str]:
     """Link into ``plan``'s folder what another run folder ``source`` holds with the same inputs.
 
     For ablations of the DCR stage: the base model's answers, the layer probe, the base model's
-    evaluation and every finished STL and STL-aug run (with its evaluation) do not depend on DCR's
+    evaluation, the over-refusal forecast and every finished STL and STL-aug run (with its evaluation) do not depend on DCR's
     settings, so a run that changes only those reuses them instead of training them again. Only
     runs whose training config equals this run's (paths aside) are taken; every reused result is
     checked again by its job's own key, as if it had been computed here. Files are hard links where
@@ -115,7 +116,7 @@ def reuse(plan: Plan, source: str | Path) -> list[str]:
     changed = sorted(k for k in mine if mine[k] != theirs.get(k))
     if changed:
         raise ValueError(f"reuse: {str(source)!r} was made with other data settings ({', '.join(changed)})")
-    candidates = [Path("answers"), Path("layer.json"), Path("base")]
+    candidates = [Path("answers"), Path("layer.json"), Path("base"), Path("forecast")]
     for seed in plan.config["seeds"]:
         for run in ("stl", "stl-aug"):
             summary = source / f"seed{seed}" / run / "summary.json"
@@ -166,6 +167,8 @@ def jobs(plan: Plan) -> list[Job]:
     listed.append(Job("eval/base", eval_job, (plan, "base", None), ("answers", *dcr_deps)))
     if settings.entk_prompts:
         listed.append(Job("entk", entk_job, (plan, settings.seeds[0]), (f"dcr/{settings.seeds[0]}",)))
+    if settings.forecast_param_set != "none":
+        listed.append(Job("forecast", forecast_job, (plan,)))
     return _topological(listed)
 
 

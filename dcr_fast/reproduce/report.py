@@ -23,6 +23,7 @@ from dcr_fast import atomic
 from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER, SAFETY_ORDER, markdown_table, plot_entk, plot_rates, save_figure
 from dcr_fast.reproduce import paper
 from dcr_fast.reproduce.config import EVALUATED, RUNS
+from dcr_fast.reproduce.forecasting import forecast_report
 from dcr_fast.reproduce.protocol_data import INSTRUCTIONS, SAFETY_HELDOUT
 from dcr_fast.reproduce.stages import Plan, dcr_layer
 
@@ -45,6 +46,7 @@ def build_report(plan: Plan, timings: dict[str, float], wall_s: float) -> dict[s
     return {
         "model": plan.config["model"], "base": plan.base, "dcr_layer": dcr_layer(plan), "seeds": seeds,
         "runs": runs, "paired": paired, "claim": claim_checks(runs), "layer_probe": layer, "entk": entk,
+        "forecast": forecast_report(plan),
         "data": _read(plan.path("data", "protocol.json")), "answers": _read(plan.path("answers", "summary.json")),
         "training": {run: [_training(plan.run_dir(run, s)) for s in seeds] for run in ("dcr", *RUNS)},
         "paper_table1": paper.published(), "paper_table1_note": paper.__doc__.split("\n\n", 1)[1].strip(),
@@ -196,6 +198,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += markdown_table(["run", "instruction compliance", "NLL of base answers", "agreement with base"],
                             [[name, _pm(run["instructions_compliance"]), _pm(run["general_nll"], ".3f"),
                               _pm(run["general_agreement"], ".3f")] for name, run in runs.items()])
+    lines += _forecast_markdown(report["forecast"])
     lines += _diagnostics(report)
     lines += ["", "## The paper's published Table 1 (for reference only)", "", report["paper_table1_note"], ""]
     lines += markdown_table(["model", "run", *paper.COLUMNS],
@@ -208,6 +211,20 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```", "",
               "Data selected (counts):", "", "```json", json.dumps(report["data"]["counts"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _forecast_markdown(forecast: dict[str, Any] | None) -> list[str]:
+    if not forecast:
+        return []
+    first = forecast["per_seed"][0]["forecast"]
+    lines = ["", "## Forecasting STL's over-refusal before training", "", forecast["what"], "",
+             f"{forecast['prompts']} benign prompts; first seed: {first['population']} complied with by the base model, "
+             f"{first['flipped']} of them refused after STL. AUROC for those flips (0.5 is chance), mean over seeds:", ""]
+    rows = []
+    for name, value in forecast["auroc"].items():
+        entry = forecast["per_seed"][0]["forecast"] if name == "forecast" else forecast["per_seed"][0]["baselines"][name]
+        rows.append([name, "–" if value is None else f"{value['mean']:.3f}", entry["score"]])
+    return lines + markdown_table(["score", "AUROC", "what it is"], rows)
 
 
 def _diagnostics(report: dict[str, Any]) -> list[str]:
