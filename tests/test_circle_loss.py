@@ -196,12 +196,18 @@ def test_autotuning_does_not_change_the_numbers(monkeypatch):
                  atol=TOL[torch.float32]["atol"] * g_ref[0].abs().max().item(), what="d embeddings")
 
 
-def test_tile_pruning():
+def test_tile_pruning(monkeypatch):
+    """On a GPU the autotuner tries the candidates of the dtype and dot precision, narrowed to
+    BLOCK_D no wider than d needs; the interpreter keeps what it was given."""
     fp32, fp64 = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.float64)
-    assert kernels._prune(kernels.CONFIGS["fwd"], {"X": fp64, "D": 4096}) == kernels.FP64_CONFIGS
-    narrow = kernels._prune(kernels.CONFIGS["fwd"], {"X": fp32, "D": 40})
+    given = [kernels.INTERPRET_CONFIG]
+    assert kernels._prune("fwd", given, {"X": fp32, "D": 40}, PRECISION="tf32") == given
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    assert kernels._prune("fwd", given, {"X": fp64, "D": 4096}, PRECISION="ieee") == kernels.FP64_CONFIGS
+    assert kernels._prune("bwd", given, {"X": fp32, "D": 4096}, PRECISION="ieee") == kernels.IEEE_FP32_CONFIGS
+    narrow = kernels._prune("fwd", given, {"X": fp32, "D": 40}, PRECISION="tf32")
     assert narrow and all(c.kwargs["BLOCK_D"] == 64 for c in narrow)
-    assert kernels._prune(kernels.CONFIGS["fwd"], {"X": fp32, "D": 4096}) == kernels.CONFIGS["fwd"]
+    assert kernels._prune("fwd", given, {"X": fp32, "D": 4096}, PRECISION="tf32") == kernels.CONFIGS["fwd"]
 
 
 def test_triton_fp16_accumulates_in_fp32():
@@ -224,12 +230,13 @@ def test_chunked_matches_reference_across_chunk_boundaries(fused, dtype, self_re
     r, ry = (x, y) if self_ref else ref
     mg = CircleMargins(0.4, 80.0, "original")
     gp, gn = torch.randn(45, dtype=torch.float64), torch.randn(45, dtype=torch.float64)
-    masks = dense_label_masks(y, ry, self_ref)
+    self_offset = 0 if self_ref else None
+    masks = dense_label_masks(y, ry, self_offset)
     for chunk in (1, 7, 45, 100):
         xh = torch.nn.functional.normalize(x, dim=1).to(dtype).requires_grad_()
         rh = xh if self_ref else torch.nn.functional.normalize(r, dim=1).to(dtype).requires_grad_()
         inputs = (xh,) if self_ref else (xh, rh)
-        a = circle_lse_chunked(xh, rh, y, ry, self_ref, mg, chunk_rows=chunk, fused=fused)
+        a = circle_lse_chunked(xh, rh, y, ry, self_offset, mg, chunk_rows=chunk, fused=fused)
         x64 = xh.detach().double().requires_grad_()
         r64 = x64 if self_ref else rh.detach().double().requires_grad_()
         b = circle_lse_reference(x64, r64, *masks, mg)
@@ -342,9 +349,12 @@ class _Allocations(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.nbytes: list[int] = []
+        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
         inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         self.nbytes += [t.untyped_storage().nbytes() for t in pytree.tree_leaves(out)
                         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
@@ -363,9 +373,20 @@ def test_triton_backward_holds_one_fp32_gradient(fused, same_ref, monkeypatch):
     x = torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
     r = x if same_ref else torch.nn.functional.normalize(torch.randn(B, d), dim=1).bfloat16()
     y = torch.randint(0, 5, (B,))
-    flags = (same_ref, [1.4, -0.4, 0.6, 0.4, 80.0])
+    flags = (0 if same_ref else None, [1.4, -0.4, 0.6, 0.4, 80.0])
     lse_p, lse_n = kernels.circle_lse_forward(x, r, y, y, *flags)
     with _Allocations() as allocations:
+        real_product = kernels._product
+
+        def product(a, b, inv_scale):
+            # on a GPU one cuBLAS call writes the fp32 result; its CPU stand-in up-casts the operands
+            allocations.paused = True
+            out = real_product(a, b, inv_scale)
+            allocations.paused = False
+            allocations.nbytes.append(out.untyped_storage().nbytes())
+            return out
+
+        monkeypatch.setattr(kernels, "_product", product)
         dx, dr = kernels.circle_lse_backward(x, r, y, y, *flags, lse_p, lse_n, torch.ones(B), torch.ones(B),
                                              same_ref=same_ref, fused=fused)
     assert dx.dtype == torch.bfloat16 and (dr is None) == same_ref
@@ -400,7 +421,7 @@ def test_circle_lse_op_passes_opcheck(same_ref):
     y = torch.randint(0, 3, (21,))
     r, ry = (x, y) if same_ref else (torch.nn.functional.normalize(torch.randn(18, 6), dim=1).requires_grad_(),
                                      torch.randint(0, 3, (18,)))
-    args = (x, r, y, ry, same_ref, same_ref, [1.4, -0.4, 0.6, 0.4, 80.0])
+    args = (x, r, y, ry, 0 if same_ref else None, same_ref, [1.4, -0.4, 0.6, 0.4, 80.0])
     torch.library.opcheck(ops.circle_lse, args)
 
 

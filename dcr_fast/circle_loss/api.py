@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dcr_fast.circle_loss import backends
 from dcr_fast.circle_loss.backends import Backend
 from dcr_fast.circle_loss.checks import check_inputs
-from dcr_fast.circle_loss.pairs import label_counts, pair_structure
+from dcr_fast.circle_loss.pairs import unique_pairs
 from dcr_fast.circle_loss.schema import CircleMargins, Variant
 
 
@@ -62,24 +62,28 @@ def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
     n_ref = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
     impl = backends.choose(backend, embeddings, n_ref)
 
+    # PML returns zero for at most one pair of each kind.
     if pairs is not None:
-        if all(len(t) <= 1 for t in pairs):  # PML returns zero for ≤ 1 pair of each kind
+        if all(len(t) <= 1 for t in pairs):
             return zero
-        pos_count, neg_count, structure = pair_structure(pairs, embeddings.shape[0], n_ref)
-        lse_p, lse_n = impl.pairs(embeddings, ref_emb, structure, margins)
+        lse_p, lse_n = impl.pairs(embeddings, ref_emb, unique_pairs(pairs, n_ref), margins)
     else:
-        exclude_diag = ref_emb is None or ref_labels is labels
-        pos_count, neg_count = label_counts(labels, ref_labels, exclude_diag)
-        if int(pos_count.sum()) <= 1 and int(neg_count.sum()) <= 1:
+        # The batch is its own reference set (PML: the reference labels are the labels object):
+        # row i's self pair is column i, no positive.
+        self_offset = 0 if ref_emb is None or ref_labels is labels else None
+        n_pairs = embeddings.shape[0] * n_ref - (0 if self_offset is None else embeddings.shape[0])
+        if n_pairs <= 2:  # so few pairs are at most one of each kind, or leave no row with both
             return zero
-        lse_p, lse_n = impl.labels(embeddings, ref_emb, labels, ref_labels, exclude_diag, margins)
-    return pml_reduction(lse_p, lse_n, pos_count > 0, neg_count > 0, zero).to(embeddings.dtype)
+        lse_p, lse_n = impl.labels(embeddings, ref_emb, labels, ref_labels, self_offset, margins)
+    rows = row_losses(lse_p, lse_n)
+    counted = (rows > 0).sum()
+    return torch.where(counted > 0, rows.sum() / counted.clamp(min=1), zero.to(rows.dtype)).to(embeddings.dtype)
 
 
-def pml_reduction(lse_p: Tensor, lse_n: Tensor, has_p: Tensor, has_n: Tensor, zero: Tensor) -> Tensor:
-    """softplus(lse_p + lse_n) per row with both sets non-empty, then the mean over rows whose loss is > 0."""
+def row_losses(lse_p: Tensor, lse_n: Tensor) -> Tensor:
+    """softplus(lse_p + lse_n) for rows with both sets non-empty, 0 for the others (an empty set's
+    log-sum-exp is -inf: read from the values themselves, without a host sync or a label count)."""
+    has_p, has_n = lse_p > float("-inf"), lse_n > float("-inf")
     lse_p = torch.where(has_p, lse_p, torch.zeros_like(lse_p))
     lse_n = torch.where(has_n, lse_n, torch.zeros_like(lse_n))
-    rows = F.softplus(lse_p + lse_n) * (has_p & has_n)
-    counted = (rows > 0).sum()
-    return torch.where(counted > 0, rows.sum() / counted.clamp(min=1), zero.to(rows.dtype))
+    return F.softplus(lse_p + lse_n) * (has_p & has_n)

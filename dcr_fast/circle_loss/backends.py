@@ -21,7 +21,7 @@ Backend = Literal["auto", "triton", "torch", "chunked"]
 
 @dataclass(frozen=True)
 class Implementation:
-    labels: Callable  # (embeddings, ref_emb, labels, ref_labels, exclude_diag, margins) -> (lse_p, lse_n)
+    labels: Callable  # (embeddings, ref_emb, labels, ref_labels, self_offset, margins) -> (lse_p, lse_n)
     pairs: Callable  # (embeddings, ref_emb, ((a_p, p), (a_n, n)), margins) -> (lse_p, lse_n)
 
 

@@ -9,6 +9,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_embeddings(name: str, t) -> None:
+    """Type, shape and dtype always; finite values where reading them costs no device sync (CPU
+    tensors, eager), or anywhere under ``torch.autograd.set_detect_anomaly(True)`` (on CUDA a NaN
+    otherwise reaches the loss, as in PML, and the default path stays sync-free)."""
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
@@ -17,15 +20,22 @@ def check_embeddings(name: str, t) -> None:
         raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    if _reads_values(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_labels(name: str, t, n: int, device: torch.device) -> Tensor:
+def _reads_values(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values: in eager mode on the CPU, or under anomaly detection."""
+    if torch.compiler.is_compiling():  # traced values are not data; a read would split the graph
+        return False
+    return t.device.type == "cpu" or torch.is_anomaly_enabled()
+
+
+def check_labels(name: str, t, n: int, device: torch.device, rows_of: str = "embeddings") -> Tensor:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of integer class ids, got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per embedding), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be 1-D with {n} entries (one per row of {rows_of}), got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"{name} must have an integer dtype, got {t.dtype}")
     return t.to(device=device, dtype=torch.int64)
@@ -47,14 +57,18 @@ def check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if labels is not None:
         labels_in = labels
         labels = check_labels("labels", labels, n_rows, embeddings.device)
-        if ref_emb is None or ref_labels is None or ref_labels is labels_in:
-            # PML's rule: the diagonal is excluded exactly when the reference labels are the
-            # batch labels object; keep that identity through the device/dtype move.
-            if ref_emb is not None and ref_labels is None and n_cols != n_rows:
+        if ref_emb is None:
+            ref_labels = labels
+        elif ref_labels is None:
+            if n_cols != n_rows:
                 raise ValueError("ref_labels is required when ref_emb has a different number of rows")
             ref_labels = labels
         else:
-            ref_labels = check_labels("ref_labels", ref_labels, n_cols, embeddings.device)
+            # Checked against ref_emb even when it is the labels object (every backend reads one
+            # label per reference row), then PML's rule: the diagonal is excluded exactly when the
+            # reference labels are the batch labels object; that identity survives the move.
+            checked = check_labels("ref_labels", ref_labels, n_cols, embeddings.device, "ref_emb")
+            ref_labels = labels if ref_labels is labels_in else checked
     if indices_tuple is None:
         return labels, ref_labels, None
     return labels, ref_labels, check_indices_tuple(indices_tuple, n_rows, n_cols, embeddings.device)

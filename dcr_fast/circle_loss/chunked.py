@@ -27,39 +27,40 @@ def fused_rows_available(x: Tensor) -> bool:
 
 
 def circle_lse_chunked(x_hat: Tensor, r_hat: Tensor, labels: Tensor, ref_labels: Tensor,
-                       exclude_diag: bool, margins: CircleMargins, chunk_rows: int | None = None,
+                       self_offset: int | None, margins: CircleMargins, chunk_rows: int | None = None,
                        fused: bool | None = None) -> tuple[Tensor, Tensor]:
     """Row log-sum-exps of unit rows ``x_hat`` against ``r_hat``, streamed over row chunks;
-    only a chunk×M block is ever live."""
+    only a chunk×M block is ever live. ``self_offset``: column i + self_offset is row i's own
+    embedding (no positive), or None."""
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // max(1, r_hat.shape[0]))
     if fused is None:
         fused = fused_rows_available(x_hat)
-    return _ChunkedCircleLSE.apply(x_hat, r_hat, labels, ref_labels, exclude_diag, margins, chunk_rows, fused)
+    return _ChunkedCircleLSE.apply(x_hat, r_hat, labels, ref_labels, self_offset, margins, chunk_rows, fused)
 
 
 def lse_from_labels(embeddings: Tensor, ref_emb: Tensor | None, labels: Tensor, ref_labels: Tensor,
-                    exclude_diag: bool, margins: CircleMargins) -> tuple[Tensor, Tensor]:
-    return circle_lse_chunked(*unit_rows(embeddings, ref_emb), labels, ref_labels, exclude_diag, margins)
+                    self_offset: int | None, margins: CircleMargins) -> tuple[Tensor, Tensor]:
+    return circle_lse_chunked(*unit_rows(embeddings, ref_emb), labels, ref_labels, self_offset, margins)
 
 
 class _ChunkedCircleLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_hat, r_hat, labels, ref_labels, exclude_diag, margins, chunk_rows, fused):
+    def forward(ctx, x_hat, r_hat, labels, ref_labels, self_offset, margins, chunk_rows, fused):
         if fused:
             labels, ref_labels = labels.long().contiguous(), ref_labels.long().contiguous()
         lse_p = x_hat.new_empty(x_hat.shape[0])
         lse_n = torch.empty_like(lse_p)
-        for sl, pos, neg in _row_chunks(labels, ref_labels, exclude_diag, chunk_rows, masks=not fused):
+        for sl, pos, neg in _row_chunks(labels, ref_labels, self_offset, chunk_rows, masks=not fused):
             s = x_hat[sl] @ r_hat.T
             if fused:
-                lse_p[sl], lse_n[sl] = ops.circle_rows_lse(s, labels, ref_labels, sl.start, exclude_diag, margins)
+                lse_p[sl], lse_n[sl] = ops.circle_rows_lse(s, labels, ref_labels, sl.start, self_offset, margins)
             else:
                 lp, ln = circle_logits(s, margins)
                 lse_p[sl] = torch.logsumexp(lp.masked_fill_(~pos, float("-inf")), dim=1)
                 lse_n[sl] = torch.logsumexp(ln.masked_fill_(~neg, float("-inf")), dim=1)
         ctx.save_for_backward(x_hat, r_hat, labels, ref_labels, lse_p, lse_n)
-        ctx.exclude_diag, ctx.margins, ctx.chunk_rows, ctx.fused = exclude_diag, margins, chunk_rows, fused
+        ctx.self_offset, ctx.margins, ctx.chunk_rows, ctx.fused = self_offset, margins, chunk_rows, fused
         return lse_p, lse_n
 
     @staticmethod
@@ -69,10 +70,10 @@ class _ChunkedCircleLSE(torch.autograd.Function):
         g_p, g_n = g_p.to(x_hat.dtype).contiguous(), g_n.to(x_hat.dtype).contiguous()
         dx = torch.zeros_like(x_hat)
         dr = torch.zeros_like(r_hat)
-        for sl, pos, neg in _row_chunks(labels, ref_labels, ctx.exclude_diag, ctx.chunk_rows, masks=not ctx.fused):
+        for sl, pos, neg in _row_chunks(labels, ref_labels, ctx.self_offset, ctx.chunk_rows, masks=not ctx.fused):
             s = x_hat[sl] @ r_hat.T
             if ctx.fused:  # dS over S in place
-                ds = ops.circle_rows_ds_(s, labels, ref_labels, sl.start, ctx.exclude_diag, mg,
+                ds = ops.circle_rows_ds_(s, labels, ref_labels, sl.start, ctx.self_offset, mg,
                                          lse_p[sl], lse_n[sl], g_p[sl], g_n[sl])
             else:
                 lp, ln = circle_logits(s, mg)
@@ -86,7 +87,8 @@ class _ChunkedCircleLSE(torch.autograd.Function):
         return dx, dr, None, None, None, None, None, None
 
 
-def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_rows: int, *, masks: bool = True):
+def _row_chunks(labels: Tensor, ref_labels: Tensor, self_offset: int | None, chunk_rows: int, *,
+                masks: bool = True):
     """(rows, positive mask, negative mask) per chunk; with ``masks=False`` the masks are None
     (the fused row kernels read the labels themselves)."""
     cols = torch.arange(ref_labels.shape[0], device=labels.device)
@@ -97,6 +99,7 @@ def _row_chunks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool, chunk_ro
             continue
         same = labels[sl, None] == ref_labels[None, :]
         pos = same
-        if exclude_diag:
-            pos = same & (cols[None, :] != cols[sl, None])
+        if self_offset is not None:
+            own = torch.arange(sl.start, sl.stop, device=labels.device) + self_offset
+            pos = same & (cols[None, :] != own[:, None])
         yield sl, pos, ~same

@@ -1,5 +1,6 @@
-"""Which pairs count: per-row set sizes from labels, and explicit ``indices_tuple`` pairs, with the
-sparse log-sum-exp the non-reference backends use for explicit pairs (memory O(#pairs·d))."""
+"""Explicit ``indices_tuple`` pairs: deduplicated, and the sparse log-sum-exp the non-reference
+backends use for them (memory O(#pairs·d)). Deduplication is data-dependent (a host sync):
+the label path never comes here."""
 
 from __future__ import annotations
 
@@ -10,24 +11,14 @@ from dcr_fast.circle_loss.reference import circle_logits, unit_rows
 from dcr_fast.circle_loss.schema import CircleMargins
 
 
-def label_counts(labels: Tensor, ref_labels: Tensor, exclude_diag: bool) -> tuple[Tensor, Tensor]:
-    """Per-row numbers of positives and negatives, in O((B + M) log M) without a B×M mask."""
-    values, counts = torch.unique(ref_labels, return_counts=True)
-    idx = torch.searchsorted(values, labels).clamp(max=values.numel() - 1)
-    same = torch.where(values[idx] == labels, counts[idx], torch.zeros_like(counts[idx]))
-    pos = same - 1 if exclude_diag else same
-    return pos, ref_labels.numel() - same
-
-
-def pair_structure(pairs: tuple[Tensor, ...], n_rows: int, n_cols: int):
-    """(positives per row, negatives per row, ((a_p, p), (a_n, n))) with duplicate pairs collapsed."""
+def unique_pairs(pairs: tuple[Tensor, ...], n_cols: int):
+    """``((a_p, p), (a_n, n))`` from (anchor1, positive, anchor2, negative), duplicates collapsed."""
     a1, p, a2, n = pairs
     pos = _unique_pairs(a1, p, n_cols)
     neg = _unique_pairs(a2, n, n_cols)
     if torch.isin(pos[0] * n_cols + pos[1], neg[0] * n_cols + neg[1]).any():
         raise ValueError("indices_tuple: a pair cannot be both positive and negative")
-    counts = tuple(torch.bincount(a, minlength=n_rows) for a, _ in (pos, neg))
-    return counts[0], counts[1], (pos, neg)
+    return pos, neg
 
 
 def _unique_pairs(a: Tensor, b: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:

@@ -41,12 +41,13 @@ def circle_lse_reference(x_hat: Tensor, r_hat: Tensor, pos: Tensor, neg: Tensor,
     return lse_p, lse_n
 
 
-def dense_label_masks(labels: Tensor, ref_labels: Tensor, exclude_diag: bool) -> tuple[Tensor, Tensor]:
-    """B×M positive and negative masks from labels (the diagonal is no positive with ``exclude_diag``)."""
+def dense_label_masks(labels: Tensor, ref_labels: Tensor, self_offset: int | None) -> tuple[Tensor, Tensor]:
+    """B×M positive and negative masks from labels; with ``self_offset``, column i + self_offset is
+    row i's own embedding and no positive (0: the batch is its own reference set)."""
     same = labels[:, None] == ref_labels[None, :]
     pos = same.clone()
-    if exclude_diag:
-        pos.fill_diagonal_(False)
+    if self_offset is not None:
+        pos.diagonal(self_offset).fill_(False)
     return pos, ~same
 
 
@@ -61,9 +62,9 @@ def dense_pair_masks(pairs, n_rows: int, n_cols: int, device: torch.device) -> t
 
 
 def lse_from_labels(embeddings: Tensor, ref_emb: Tensor | None, labels: Tensor, ref_labels: Tensor,
-                    exclude_diag: bool, margins: CircleMargins) -> tuple[Tensor, Tensor]:
+                    self_offset: int | None, margins: CircleMargins) -> tuple[Tensor, Tensor]:
     x_hat, r_hat = unit_rows(embeddings, ref_emb)
-    return circle_lse_reference(x_hat, r_hat, *dense_label_masks(labels, ref_labels, exclude_diag), margins)
+    return circle_lse_reference(x_hat, r_hat, *dense_label_masks(labels, ref_labels, self_offset), margins)
 
 
 def lse_from_pairs(embeddings: Tensor, ref_emb: Tensor | None, pairs, margins: CircleMargins) -> tuple[Tensor, Tensor]:

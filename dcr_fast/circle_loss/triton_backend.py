@@ -17,14 +17,14 @@ _NORM_EPS = 1e-12  # F.normalize's default
 
 
 def lse_from_labels(embeddings: Tensor, ref_emb: Tensor | None, labels: Tensor, ref_labels: Tensor,
-                    exclude_diag: bool, margins: CircleMargins) -> tuple[Tensor, Tensor]:
+                    self_offset: int | None, margins: CircleMargins) -> tuple[Tensor, Tensor]:
     if embeddings.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
                          f"got embeddings on {embeddings.device}")
     x_k = UnitRows.apply(embeddings.contiguous())
     same_ref = ref_emb is None
     r_k = x_k if same_ref else UnitRows.apply(ref_emb.to(embeddings.dtype).contiguous())
-    return ops.circle_lse(x_k, r_k, labels.contiguous(), ref_labels.contiguous(), exclude_diag, same_ref,
+    return ops.circle_lse(x_k, r_k, labels.contiguous(), ref_labels.contiguous(), self_offset, same_ref,
                           margins.scalars())
 
 
