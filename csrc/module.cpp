@@ -1,13 +1,27 @@
 // The dcr_fast operator library: every schema lives here, each op's kernels live in its own
 // files (TORCH_LIBRARY_IMPL per device). The PyInit stub only makes `import dcr_fast._C` load
 // this shared object, which runs the registrations; the ops are reached through torch.ops.
+// The module also records the torch release it was compiled against (`built_with_torch`), so that
+// dcr_fast/_extension.py can refuse a build whose torch is not the one running.
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+#define DCR_FAST_STR_(x) #x
+#define DCR_FAST_STR(x) DCR_FAST_STR_(x)
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr &&
+      PyModule_AddStringConstant(module, "built_with_torch",
+                                 DCR_FAST_STR(TORCH_VERSION_MAJOR) "." DCR_FAST_STR(TORCH_VERSION_MINOR) "." DCR_FAST_STR(
+                                     TORCH_VERSION_PATCH)) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
