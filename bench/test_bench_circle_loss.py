@@ -237,3 +237,23 @@ def test_side_by_side_interleaves_and_records_failures() -> None:
     assert [(r.impl, r.status) for r in rows] == [("a", "ok"), ("oom", "oom"), ("b", "ok")]
     assert rows[0].repeats == rows[2].repeats >= 3
     assert calls[2:] == ["a", "b"] * rows[0].repeats  # after one memory call each, round-robin
+
+
+def test_distributed_communication_volume():
+    from bench.bench_circle_loss_distributed import communication_bytes
+
+    got = communication_bytes([5, 8, 3], d=16, elem=2)
+    # each rank receives 3 padded blocks of 8 rows (embeddings bf16, labels int64) and 3 sizes
+    assert got["gathered_mb"] * 2**20 == 3 * (8 + 8 * 16 * 2 + 8 * 8)
+    assert got["all_reduce_mb"] * 2**20 == 16 * 16 * 2 + 2 * 2
+
+
+def test_distributed_bench_checks_two_gloo_ranks(tmp_path):
+    """The CPU run of the script: two spawned gloo processes, loss and gradient against one process."""
+    cmd = [sys.executable, "-m", "bench.bench_circle_loss_distributed", "--world-sizes", "2", "--local-batch", "24",
+           "--dim", "16", "--results-dir", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(bcl.__file__).parent.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = [r for _, r in rows_of(load_results(next(tmp_path.glob("circle_loss_distributed-*.json"))))]
+    assert row.case["world"] == 2 and row.metrics["global_batch"] == 48
+    assert row.metrics["loss_rel_err"] < 1e-5 and row.metrics["grad_rel_err"] < 1e-5, row.metrics

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from dcr_fast.circle_loss import backends
 from dcr_fast.circle_loss.backends import Backend
 from dcr_fast.circle_loss.checks import check_inputs
+from dcr_fast.circle_loss.distributed import check_distributed, distributed_circle_loss
 from dcr_fast.circle_loss.pairs import unique_pairs
 from dcr_fast.circle_loss.schema import CircleMargins, Variant
 
@@ -24,6 +25,9 @@ class CircleLoss(nn.Module):
         variant: ``"original"`` (PML / Sun et al.) or ``"dcr"`` (DCR paper A.8 weights;
             the paper trains with m=0.25, gamma=16).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (reference) or ``"chunked"``.
+        distributed: inside an initialized process group, each rank's embeddings against
+            every rank's (see :mod:`dcr_fast.circle_loss.distributed`): the value is the loss
+            of the concatenated global batch on every rank, each rank's gradient its rows of it.
 
     Example::
 
@@ -34,29 +38,36 @@ class CircleLoss(nn.Module):
     """
 
     def __init__(self, m: float = 0.4, gamma: float = 80.0, variant: Variant = "original",
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", distributed: bool = False) -> None:
         super().__init__()
         margins = CircleMargins(m, gamma, variant)  # validates
         backends.check_backend(backend)
         self.m, self.gamma, self.variant, self.backend = margins.m, margins.gamma, variant, backend
+        self.distributed = bool(distributed)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None,
                 indices_tuple: Sequence[Tensor] | None = None, ref_emb: Tensor | None = None,
                 ref_labels: Tensor | None = None) -> Tensor:
-        return circle_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, m=self.m,
-                           gamma=self.gamma, variant=self.variant, backend=self.backend)
+        return circle_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels, m=self.m, gamma=self.gamma,
+                           variant=self.variant, backend=self.backend, distributed=self.distributed)
 
     def extra_repr(self) -> str:
-        return f"m={self.m}, gamma={self.gamma}, variant={self.variant!r}, backend={self.backend!r}"
+        return (f"m={self.m}, gamma={self.gamma}, variant={self.variant!r}, backend={self.backend!r}"
+                + (", distributed=True" if self.distributed else ""))
 
 
 def circle_loss(embeddings: Tensor, labels: Tensor | None = None,
                 indices_tuple: Sequence[Tensor] | None = None, ref_emb: Tensor | None = None,
                 ref_labels: Tensor | None = None, *, m: float = 0.4, gamma: float = 80.0,
-                variant: Variant = "original", backend: Backend = "auto") -> Tensor:
+                variant: Variant = "original", backend: Backend = "auto", distributed: bool = False) -> Tensor:
     """Functional form of :class:`CircleLoss`; see ``dcr_fast.circle_loss``'s docstring for semantics."""
     margins = CircleMargins(m, gamma, variant)
     backends.check_backend(backend)
+    if distributed:
+        check_distributed(indices_tuple, ref_emb, ref_labels, labels)
+        labels, _, _ = check_inputs(embeddings, labels, None, None, None)
+        impl = backends.choose(backend, embeddings, embeddings.shape[0] * torch.distributed.get_world_size())
+        return distributed_circle_loss(embeddings, labels, impl, margins, row_losses)
     labels, ref_labels, pairs = check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
     zero = embeddings.sum() * 0  # a zero with a (zero) gradient, as PML returns; no B×d temporary
     n_ref = embeddings.shape[0] if ref_emb is None else ref_emb.shape[0]
