@@ -8,8 +8,8 @@ torch 2.14.1 with its CUDA 13 libraries (~3 GB) into the build environment, then
 that torch aborts without a visible GPU, and even a successful build would have been compiled
 against torch 2.14 for a 2.13 runtime (torch's C++ ABI changes between releases: undefined
 symbols at import). So the build environment gets ``torch==<release of the installed torch>``:
-the same release (the CPU 2.13.0 wheel from local disk here, ~30 s), whose ABI the extension
-then matches. With no torch installed, where pip installs, the requirement is unpinned and
+the same release (the CPU 2.13.0 wheel, from local disk here), whose ABI the extension then
+matches. With no torch installed, where pip installs, the requirement is unpinned and
 pip installs that same newest torch as a dependency too.
 
 pip runs these hooks with the target environment's interpreter but hides its site-packages;
