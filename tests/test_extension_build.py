@@ -180,3 +180,33 @@ def test_isolated_build_reads_the_target_environment_torch():
     code = "import sys; sys.path.insert(0, 'build_backend'); import dcr_fast_build as b; print(b.installed_torch_version())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=hidden)
     assert run.stdout.strip() == torch.__version__, run.stderr[-2000:]
+
+
+# A CUDA torch, nvcc, no visible GPU, no TORCH_CUDA_ARCH_LIST: what pip's build environment saw.
+NO_GPU_BUILD = r"""
+import os, runpy, sys
+import setuptools, torch
+import torch.utils.cpp_extension as cpp_extension
+
+os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+torch.version.cuda, cpp_extension.CUDA_HOME = "13.0", "/usr/local/cuda"
+torch.cuda.is_available = lambda: False
+try:
+    cpp_extension._get_cuda_arch_flags([])
+    crashed = False
+except IndexError:
+    crashed = True
+setuptools.setup = lambda **kwargs: None
+built = runpy.run_path(sys.argv[1])
+print(crashed, os.environ["TORCH_CUDA_ARCH_LIST"], built["ext_modules"][0].sources[-1].endswith(".cu"))
+print(" ".join(cpp_extension._get_cuda_arch_flags([])))
+"""
+
+
+def test_cuda_build_without_a_visible_gpu_uses_the_default_arch_list():
+    run = subprocess.run([sys.executable, "-c", NO_GPU_BUILD, str(ROOT / "setup.py")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, flags = run.stdout.strip().splitlines()[-2:]
+    assert first == "True 8.0;8.6;8.9;9.0+PTX True", run.stdout  # torch alone raises; setup.py does not
+    assert "code=sm_80" in flags and "code=sm_90" in flags and "code=compute_90" in flags, flags
