@@ -26,7 +26,8 @@ a sparse pair path (memory O(#pairs·d)) on the non-reference backends.
 Modules, one concern each: :mod:`.api` (this public face and the shared epilogue),
 :mod:`.schema` (m, γ, variant), :mod:`.checks` (argument validation), :mod:`.pairs` (which
 pairs count), :mod:`.reference` (pure PyTorch), :mod:`.chunked`, :mod:`.triton_backend`,
-:mod:`.ops` (every compiled op's typed wrapper and fake) and :mod:`.backends` (the table).
+:mod:`.ops` (every compiled op's typed wrapper and fake), :mod:`.backends` (the table) and
+:mod:`.distributed` (``distributed=True``: every rank's rows against the whole global batch).
 """
 
 from dcr_fast.circle_loss.api import CircleLoss, circle_loss
