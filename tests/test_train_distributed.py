@@ -2,7 +2,7 @@
 
 A tiny float64 Qwen2 (with transformers' float32 up-casts patched away, ``float64_exact``) is
 trained on the same global batches in one process and on 2 ranks, DDP for LoRA and FSDP for
-full-parameter DCR. Every step's logged loss and gradient norm, and the final parameters and
+full-parameter training. Every step's logged loss and gradient norm, and the final parameters and
 AdamW moments (linear in the gradients, so they catch a gradient off by a factor), must agree
 to round-off. Checkpoints cross world sizes both ways: 2 ranks → 1 process, 1 process → 2 ranks.
 All rank work happens in one run of 2 processes (``gloo_ranks``), to keep CI fast.
@@ -100,6 +100,7 @@ def two_ranks(inputs, tmp_path_factory):
         "dcr-ddp": ("dcr", {}),
         "dcr-fsdp": ("dcr", {"lora": False, "sharding": "fsdp"}),
         "sft-ddp": ("sft", {}),
+        "sft-fsdp": ("sft", {"lora": False, "sharding": "fsdp"}),
     }
     for name, (stage, overrides) in runs.items():
         train(stage, settings(stage, inputs, root / f"{name}-one", **overrides))
@@ -116,14 +117,14 @@ def two_ranks(inputs, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("run", ["dcr-ddp", "dcr-fsdp", "sft-ddp"])
+@pytest.mark.parametrize("run", ["dcr-ddp", "dcr-fsdp", "sft-ddp", "sft-fsdp"])
 def test_two_ranks_train_as_one_process(two_ranks, run):
     assert_same_training(two_ranks / f"{run}-two", two_ranks / f"{run}-one")
     summary = json.loads((two_ranks / f"{run}-two" / "summary.json").read_text())
     assert summary["finished"] and (two_ranks / f"{run}-two" / "model" / "config.json").exists()
 
 
-@pytest.mark.parametrize("run", ["dcr-ddp", "dcr-fsdp", "sft-ddp"])
+@pytest.mark.parametrize("run", ["dcr-ddp", "dcr-fsdp", "sft-ddp", "sft-fsdp"])
 def test_checkpoints_resume_across_world_sizes(two_ranks, run):
     assert_same_training(two_ranks / f"{run}-cut-one", two_ranks / f"{run}-one")  # 1 process → 2 ranks
     assert_same_training(two_ranks / f"{run}-cut-two", two_ranks / f"{run}-one")  # 2 ranks → 1 process

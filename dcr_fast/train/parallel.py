@@ -4,7 +4,8 @@
 computes its share of every optimizer step's global batch (the stages cut the batches); the
 shares' losses are scaled so that they **sum** to the single-process loss of the step, and
 gradients are summed across ranks rather than averaged, so the step is the single-process
-step on the same global batch (tested: step-1 loss and gradients equal on 2 gloo ranks).
+step on the same global batch (tested on 2 gloo ranks: every step's loss and gradient norm,
+the parameters and the AdamW moments).
 
 * ``ddp`` (default): torch's ``DistributedDataParallel`` replicates the model and all-reduces
   the gradients of the trainable parameters, once per optimizer step (earlier micro-batches
