@@ -29,3 +29,16 @@ def test_presets_resolve_by_device():
     assert resolve(EntkBenchConfig(device="cpu", prompts=7)).prompts == 7
     with pytest.raises(ValueError, match="preset must be one of"):
         resolve(EntkBenchConfig(preset="huge"))
+
+
+def test_scaling_bench_plans_the_ring_traffic():
+    from bench.bench_entk_scaling import ScalingConfig, planned, resolve_scaling
+
+    config = resolve_scaling(ScalingConfig(plan_prompts=64, chunk_size=4))
+    assert config.worlds == (1, 2, 3) and config.preset == "cpu-tiny"
+    assert resolve_scaling(ScalingConfig(device="cuda")).worlds == (1, 2, 4, 8)
+    # 16 chunks on 4 ranks: each chunk goes W/2 = 2 hops, so a rank sends its 4 chunks twice.
+    row = planned(config, 4, per_prompt=1e6)
+    assert row.metrics["sent_mb_max"] == pytest.approx(4 * 2 * 4)
+    assert row.metrics["sent_mb_total"] == pytest.approx(4 * 4 * 2 * 4)
+    assert planned(config, 1, per_prompt=1e6).metrics["sent_mb_total"] == 0
