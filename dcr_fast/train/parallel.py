@@ -103,8 +103,14 @@ def parallelize(model: nn.Module, sharding: str, device: torch.device) -> Parall
         wrapper.register_comm_hook(None, _sum_gradients)
         return Parallel(model, device, sharding, wrapper)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        FSDPModule = None
+    if not hasattr(FSDPModule, "set_gradient_divide_factor"):
+        raise ValueError(f"sharding: fsdp needs FSDP2's fully_shard with set_gradient_divide_factor, which torch "
+                         f"{torch.__version__} lacks; use --sharding ddp, or a newer torch (2.13 has it)")
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     units = [*model.get_decoder().layers, _Forward(model)]
     for unit in units:
