@@ -61,7 +61,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         runs[name]["compliance"] = {b: r["values"] for b, r in run["compliance"].items()}
         runs[name]["defense_success"] = {b: r["values"] for b, r in run["defense_success"].items()}
     return {"runs": runs, "claim": report["claim"], "paired": report["paired"], "dcr_layer": report["dcr_layer"],
-            "entk": {k: report["entk"][k] for k in ("before", "after")} if report["entk"] else None}
+            "entk": {k: report["entk"][k] for k in ("before", "after")} if report["entk"] else None,
+            "forecast_auroc": report["forecast"]["auroc"] if report.get("forecast") else None}
 
 
 def main(argv: list[str] | None = None) -> None:

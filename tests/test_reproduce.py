@@ -180,6 +180,17 @@ def _check_forecast(out: Path, forecast: dict) -> None:
                                       "base_refusal_first_token", "random"}
 
 
+def test_another_forecast_setting_recomputes_only_the_forecast(finished_run):
+    config, report = finished_run
+    out = Path(config.out)
+    kept = {f: (out / f).stat().st_mtime_ns for f in ("base/eval/eval.json", "seed0/stl/summary.json", "entk/entk.json")}
+    again = reproduce(dataclasses.replace(config, forecast_param_set="tail"), STAGES, progress=False)
+    assert again["forecast"]["settings"]["param_set"] == "tail"
+    assert again["runs"] == report["runs"]
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
+    reproduce(config, STAGES, progress=False)  # back to the fixture's setting for the tests after this one
+
+
 def test_a_changed_stage_setting_in_the_same_folder_is_refused(finished_run):
     config, _ = finished_run
     with pytest.raises(ValueError, match=r"holds a run trained with other settings \(lr: 0.0001 -> 0.0002\)"):

@@ -20,6 +20,12 @@ from dcr_fast.data import SEEMINGLY_TOXIC
 from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER
 from dcr_fast.reproduce.stages import Plan, evaluation_sets, read_pairs
 
+WHAT = ("Every benign prompt of the evaluated over-refusal benchmarks is scored from the base model alone, before "
+        "any training: the forecast (predicted change of its first-token refusal probability after one SGD step on "
+        "STL's safety pairs, over STL's parameters) and simple baselines. A prompt flipped when the base model "
+        "complied and STL refuses it (the evaluation's string-match verdicts on the same greedy answers); each "
+        "score's AUROC for the flips among the prompts the base model complied with. Nothing is fitted to the labels.")
+
 
 def candidates(plan: Plan) -> list[tuple[str, str]]:
     """(benchmark, prompt) of every evaluated benign prompt of an over-refusal benchmark."""
@@ -54,8 +60,10 @@ def forecast_job(plan: Plan) -> None:
     if out.exists() and json.loads(out.read_text()).get("key") == key:
         return
     model, tokenizer = models.load(plan.base, dtype="float32", device=plan.settings.device)
-    scores = flip_scores(model, tokenizer, safety, [text for _, text in prompts], config=config,
-                         out_dir=plan.path("forecast", "blocks"), progress=False)
+    # finished blocks resume a run of the same key; another key (a changed setting) gets its own folder
+    blocks = plan.path("forecast", "blocks", fingerprint.text_sha256(json.dumps(key, sort_keys=True))[:12])
+    scores = flip_scores(model, tokenizer, safety, [text for _, text in prompts], config=config, out_dir=blocks,
+                         progress=False)
     atomic.write_json(out, {"prompts": [{"benchmark": b, "prompt": t} for b, t in prompts],
                             "scores": {name: [float(v) for v in values] for name, values in scores.items()},
                             "settings": key["config"], "safety_pairs": len(safety), "key": key})
@@ -87,7 +95,7 @@ def forecast_report(plan: Plan) -> dict[str, Any] | None:
         values = [v for v in values if v is not None]
         auroc[name] = {"mean": statistics.fmean(values), "values": values} if values else None
     return {"auroc": auroc, "per_seed": per_seed, "settings": saved["settings"], "safety_pairs": saved["safety_pairs"],
-            "prompts": len(prompts), "what": __doc__.split("\n\n", 1)[1].strip()}
+            "prompts": len(prompts), "what": WHAT}
 
 
 def _refusals(run_dir: Path, prompts: list[tuple[str, str]]) -> list[bool] | None:
