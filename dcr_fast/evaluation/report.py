@@ -9,10 +9,12 @@ sees half a report.
 from __future__ import annotations
 
 import json
-from dcr_fast import atomic
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dcr_fast import atomic
+from dcr_fast.figures import pyplot, save_figure
 
 Rate = float | Mapping[str, float]
 
@@ -88,10 +90,7 @@ def plot_rates(runs: Mapping[str, Mapping[str, Any]], key: str, path: Path) -> P
     benchmarks = _ordered({b for run in runs.values() for b in run.get(key, {})}, order)
     if not benchmarks:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(benchmarks) * max(1, len(runs)) / 2, 3.2))
     width = 0.8 / len(runs)
@@ -107,16 +106,12 @@ def plot_rates(runs: Mapping[str, Mapping[str, Any]], key: str, path: Path) -> P
     ax.legend(fontsize="small")
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
 def plot_entk(entk: Mapping[str, Any], path: Path) -> Path:
     """Heatmaps of the mean normalized eNTK per (x′ group, x group), before and after DCR, on one scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = entk["groups"]
     names = [g.replace("_", "\n") for g in groups]
@@ -133,13 +128,7 @@ def plot_entk(entk: Mapping[str, Any], path: Path) -> Path:
                 ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8)
     save_figure(fig, path)
-    plt.close(fig)
     return path
-
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG atomically."""
-    atomic.write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
 
 
 def _ordered(names: set[str], preferred: tuple[str, ...]) -> list[str]:

@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from dcr_fast.evaluation.generation import chat_texts, eval_mode, pad_batch, pad_token_id
-from dcr_fast.evaluation.report import save_figure
+from dcr_fast.figures import pyplot, save_figure
 
 
 def separability(
@@ -135,10 +135,7 @@ def classical_mds(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
 def plot_mds(hidden: torch.Tensor, labels: Sequence[str], path: str | Path,
              layers: Sequence[int] | None = None, accuracies: Sequence[float] | None = None) -> Path:
     """One MDS scatter per layer (default: up to 8 evenly spaced) of [layers+1, N, d] states."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     count = hidden.shape[0]
     layers = list(layers) if layers is not None else sorted({round(i * (count - 1) / 7) for i in range(8)})
@@ -157,5 +154,4 @@ def plot_mds(hidden: torch.Tensor, labels: Sequence[str], path: str | Path,
     fig.tight_layout()
     path = Path(path)
     save_figure(fig, path)
-    plt.close(fig)
     return path

@@ -27,7 +27,7 @@ from dcr_fast.data.files import read_jsonl
 from dcr_fast.data.records import Prompt
 from dcr_fast.evaluation.harness import EvalConfig, evaluate
 from dcr_fast.evaluation.refusal import Judge
-from dcr_fast.evaluation.report import save_figure
+from dcr_fast.figures import pyplot, save_figure
 
 
 class RefusalTracker:
@@ -79,10 +79,7 @@ def plot_tracking(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str 
     """Figure 4 (defense success vs seemingly-toxic compliance, one point per checkpoint, darker
     later) and figure 5 (mean refusal probability per set and category against the step, one
     panel per run), as PNGs in `out_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
@@ -100,7 +97,6 @@ def plot_tracking(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str 
     fig.tight_layout()
     tradeoff = out / "tracking_tradeoff.png"
     save_figure(fig, tradeoff)
-    plt.close(fig)
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.2), squeeze=False, sharey=True)
     for ax, (name, records) in zip(axes[0], runs.items()):
@@ -118,7 +114,6 @@ def plot_tracking(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str 
     fig.tight_layout()
     probability = out / "tracking_refusal_probability.png"
     save_figure(fig, probability)
-    plt.close(fig)
     return [tradeoff, probability]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dcr_fast import atomic
+from dcr_fast.figures import pyplot, save_figure
 from dcr_fast.forecast.params import PARAM_SETS
 from dcr_fast.forecast.result import Forecast
 
@@ -38,7 +39,7 @@ def write_outputs(
     if comparison is not None:
         summary["comparison"] = comparison
     atomic.write_json(paths["summary.json"], summary)
-    save_figure(result, paths["forecast.png"], other=other)
+    plot_forecast(result, paths["forecast.png"], other=other)
     atomic.write_text(paths["report.md"], render_markdown(result, summary, report_rows=report_rows))
     return paths
 
@@ -120,13 +121,10 @@ def render_markdown(result: Forecast, summary: dict, *, report_rows: int = 100) 
     return "\n".join(lines) + "\n"
 
 
-def save_figure(result: Forecast, path: str | os.PathLike, *, other: Forecast | None = None) -> None:
+def plot_forecast(result: Forecast, path: str | os.PathLike, *, other: Forecast | None = None) -> None:
     """Left: predicted ΔP_ref by rank, coloured by group. Right: the group means (and the other
     model's beside them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ranked, means) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     order = np.argsort(-result.delta, kind="stable")
@@ -151,8 +149,7 @@ def save_figure(result: Forecast, path: str | os.PathLike, *, other: Forecast | 
     if other is not None:
         means.legend(fontsize=8)
     fig.tight_layout()
-    atomic.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _cell(text: str, limit: int | None = None) -> str:

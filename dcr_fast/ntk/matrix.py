@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dcr_fast import atomic, distributed
+from dcr_fast.figures import pyplot, save_figure
 from dcr_fast.fingerprint import check_key, module_fingerprint
 from dcr_fast.ntk.block import check_options, encode
 from dcr_fast.ntk.exact import ProbeFeatures, probe_gram, prompt_probes
@@ -181,10 +182,7 @@ def group_means(normalized: np.ndarray, labels: list[str], group_names: list[str
 
 def save_heatmap(result: EntkMatrix, path: str | os.PathLike, title: str = "normalized eNTK ‖K(x′, x)‖") -> None:
     """The figure-3/6 style heatmap of group-pair means, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     g = len(result.group_names)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * g, 1.2 + 1.1 * g))
@@ -199,8 +197,7 @@ def save_heatmap(result: EntkMatrix, path: str | os.PathLike, title: str = "norm
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    atomic.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class _FeatureEngine:

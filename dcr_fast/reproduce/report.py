@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from dcr_fast import atomic
-from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER, SAFETY_ORDER, markdown_table, plot_entk, plot_rates, save_figure
+from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER, SAFETY_ORDER, markdown_table, plot_entk, plot_rates
+from dcr_fast.figures import pyplot, save_figure
 from dcr_fast.reproduce import paper
 from dcr_fast.reproduce.config import EVALUATED, RUNS
 from dcr_fast.reproduce.forecasting import forecast_report
@@ -280,10 +281,7 @@ def _pm(rate: dict[str, Any] | None, spec: str = ".2f") -> str:
 def _plot_tradeoff(report: dict[str, Any], path: Path) -> Path:
     """Compliance on the over-refusal benchmarks against mean defense success: one point per model
     and seed, the seed mean larger. The paper's claim is a point up-and-right of STL's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
     for index, (name, run) in enumerate(report["runs"].items()):
@@ -299,15 +297,11 @@ def _plot_tradeoff(report: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
     save_figure(fig, path)
-    plt.close(fig)
     return path
 
 
 def _plot_layer_probe(probe: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     accuracy = probe["accuracy_per_layer"]
     fig, ax = plt.subplots(figsize=(5, 3), layout="constrained")
@@ -318,5 +312,4 @@ def _plot_layer_probe(probe: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("k-means separability")
     ax.legend(fontsize="small")
     save_figure(fig, path)
-    plt.close(fig)
     return path
