@@ -58,7 +58,8 @@ class ForecastBenchConfig:
     candidates: int = field(default=300, metadata={"help": "candidate prompts (tiny: 64 are used)"})
     safety: int = field(default=150, metadata={"help": "safety examples (tiny: 24 are used)"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "smollm2: the model (a name dcr_fast.models.load takes)"})
-    data: str = field(default="/work/shared/data", metadata={"help": "smollm2: the benchmark data root"})
+    data: str = field(default_factory=lambda: os.environ.get("DCR_FAST_DATA", "../shared/data"),
+                      metadata={"help": "smollm2: the benchmark data root (default: $DCR_FAST_DATA, else ../shared/data)"})
     tail_layers: int = field(default=1, metadata={"help": "decoder layers in θ_S"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (torch.set_num_threads)"})
     results_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "where the results JSON goes"})
