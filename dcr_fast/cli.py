@@ -75,11 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _SUBCOMMANDS:
         importlib.import_module(module).register(subparsers)
-    for command in subparsers.choices.values():
+    for command in _commands(subparsers):
         # SUPPRESS: an absent flag after the command must not reset one given before it.
         command.add_argument("--debug", default=argparse.SUPPRESS, **debug)
     parser.set_defaults(commands=subparsers.choices)
     return parser
+
+
+def _commands(subparsers: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every command's parser, nested ones (``bench circle-loss``) included."""
+    found = []
+    for command in subparsers.choices.values():
+        found.append(command)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += _commands(action)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

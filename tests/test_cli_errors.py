@@ -201,6 +201,8 @@ def test_debug_shows_the_traceback(paths, tmp_path, capfd, monkeypatch):
     monkeypatch.delenv(cli.DEBUG_ENV)
     code, lines = _run(argv + ["--debug"], capfd)  # after the command name as well
     assert code == 2 and lines[0] == "Traceback (most recent call last):"
+    code, lines = _run(["bench", "circle-loss", "--preset", "nosuch", "--debug"], capfd)  # and a nested command's
+    assert code == 2 and lines[0] == "Traceback (most recent call last):"
 
 
 NTK = ["ntk", "--model", "tiny-qwen2", "--device", "cpu"]
