@@ -11,14 +11,14 @@ same greedy answers) and measures each score's AUROC per seed: ``report.json["fo
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 from dcr_fast import atomic, fingerprint, models
 from dcr_fast.data import SEEMINGLY_TOXIC
 from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER
-from dcr_fast.reproduce.stages import Plan, evaluation_sets, read_pairs
+from dcr_fast.data.files import read_jsonl
+from dcr_fast.reproduce.stages import Plan, evaluation_sets, read_pairs, training_config
 
 WHAT = ("Every benign prompt of the evaluated over-refusal benchmarks is scored from the base model alone, before "
         "any training: the forecast (predicted change of its first-token refusal probability after one SGD step on "
@@ -35,14 +35,14 @@ def candidates(plan: Plan) -> list[tuple[str, str]]:
 
 def forecast_config(plan: Plan):
     """The forecast of one STL step: STL's parameters (its LoRA adapters, or θ_S), learning rate,
-    truncation and system prompt."""
+    truncation and system prompt, read from STL's own stage config (its defaults included)."""
     from dcr_fast.forecast import ForecastConfig
 
-    sft = plan.stages["sft"]
-    fields = {"param_set": plan.config["forecast_param_set"], "lr": sft.get("lr", 2e-4),
-              "max_length": sft.get("max_length", 1024), "system_prompt": sft.get("system_prompt")}
+    sft = training_config(plan, "stl", plan.config["seeds"][0])[0]
+    fields = {"param_set": plan.config["forecast_param_set"], "lr": sft.lr, "max_length": sft.max_length,
+              "system_prompt": sft.system_prompt}
     if fields["param_set"] == "lora":
-        fields |= {"lora_r": sft.get("lora_r", 8), "lora_alpha": float(sft.get("lora_alpha", 32))}
+        fields |= {"lora_r": sft.lora_r, "lora_alpha": float(sft.lora_alpha)}
     return ForecastConfig(**fields)
 
 
@@ -70,7 +70,7 @@ def forecast_job(plan: Plan) -> None:
 
 
 def forecast_report(plan: Plan) -> dict[str, Any] | None:
-    """AUROC of the forecast and each baseline for STL's flips, per seed and over seeds."""
+    """AUROC of the forecast and each baseline for STL's flips, per seed (``report`` adds their spread)."""
     from dcr_fast.forecast.flips import flip_report
 
     path = plan.path("forecast", "scores.json")
@@ -88,14 +88,13 @@ def forecast_report(plan: Plan) -> dict[str, Any] | None:
         per_seed.append({"seed": seed, **report})
     if not per_seed:
         return None
-    names = ["forecast", *per_seed[0]["baselines"]]
-    auroc = {}
-    for name in names:
-        values = [(r["forecast"] if name == "forecast" else r["baselines"][name])["auroc"] for r in per_seed]
-        values = [v for v in values if v is not None]
-        auroc[name] = {"mean": statistics.fmean(values), "values": values} if values else None
-    return {"auroc": auroc, "per_seed": per_seed, "settings": saved["settings"], "safety_pairs": saved["safety_pairs"],
+    return {"per_seed": per_seed, "settings": saved["settings"], "safety_pairs": saved["safety_pairs"],
             "prompts": len(prompts), "what": WHAT}
+
+
+def score_entry(seed_report: dict[str, Any], name: str) -> dict[str, Any]:
+    """One score's entry (AUROC, what it is) in one seed's :func:`flip_report`."""
+    return seed_report["forecast"] if name == "forecast" else seed_report["baselines"][name]
 
 
 def _refusals(run_dir: Path, prompts: list[tuple[str, str]]) -> list[bool] | None:
@@ -105,10 +104,8 @@ def _refusals(run_dir: Path, prompts: list[tuple[str, str]]) -> list[bool] | Non
         file = run_dir / "eval" / "generations" / f"{benchmark}.jsonl"
         if not file.exists():
             return None
-        for line in file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                verdicts[(benchmark, row["prompt"])] = bool(row["refusal"])
+        for row in read_jsonl(file, f"forecast: the generations of {benchmark!r}"):
+            verdicts[(benchmark, row["prompt"])] = bool(row["refusal"])
     if any(p not in verdicts for p in prompts):
         return None
     return [verdicts[p] for p in prompts]

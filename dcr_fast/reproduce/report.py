@@ -24,7 +24,7 @@ from dcr_fast.evaluation.report import OVER_REFUSAL_ORDER, SAFETY_ORDER, markdow
 from dcr_fast.figures import pyplot, save_figure
 from dcr_fast.reproduce import paper
 from dcr_fast.reproduce.config import EVALUATED, RUNS
-from dcr_fast.reproduce.forecasting import forecast_report
+from dcr_fast.reproduce.forecasting import forecast_report, score_entry
 from dcr_fast.reproduce.protocol_data import INSTRUCTIONS, SAFETY_HELDOUT
 from dcr_fast.reproduce.stages import Plan, dcr_layer
 
@@ -47,7 +47,7 @@ def build_report(plan: Plan, timings: dict[str, float], wall_s: float) -> dict[s
     return {
         "model": plan.config["model"], "base": plan.base, "dcr_layer": dcr_layer(plan), "seeds": seeds,
         "runs": runs, "paired": paired, "claim": claim_checks(runs), "layer_probe": layer, "entk": entk,
-        "forecast": forecast_report(plan),
+        "forecast": _with_auroc(forecast_report(plan)),
         "data": _read(plan.path("data", "protocol.json")), "answers": _read(plan.path("answers", "summary.json")),
         "training": {run: [_training(plan.run_dir(run, s)) for s in seeds] for run in ("dcr", *RUNS)},
         "paper_table1": paper.published(), "paper_table1_note": paper.__doc__.split("\n\n", 1)[1].strip(),
@@ -86,6 +86,17 @@ def summarize(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any
     for key in ("compliance", "defense_success"):
         summary[key] = {b: spread([r[key][b] for r in rows]) for b in rows[0][key]}
     return summary
+
+
+def _with_auroc(forecast: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The forecast's report with each score's AUROC spread over the seeds (None where never defined)."""
+    if forecast is None:
+        return None
+    auroc = {}
+    for name in ["forecast", *forecast["per_seed"][0]["baselines"]]:
+        values = [v for r in forecast["per_seed"] if (v := score_entry(r, name)["auroc"]) is not None]
+        auroc[name] = spread(values) if values else None
+    return {"auroc": auroc, **forecast}
 
 
 def claim_checks(runs: dict[str, Any]) -> dict[str, Any]:
@@ -223,8 +234,7 @@ def _forecast_markdown(forecast: dict[str, Any] | None) -> list[str]:
              f"{first['flipped']} of them refused after STL. AUROC for those flips (0.5 is chance), mean over seeds:", ""]
     rows = []
     for name, value in forecast["auroc"].items():
-        entry = forecast["per_seed"][0]["forecast"] if name == "forecast" else forecast["per_seed"][0]["baselines"][name]
-        rows.append([name, "–" if value is None else f"{value['mean']:.3f}", entry["score"]])
+        rows.append([name, "–" if value is None else f"{value['mean']:.3f}", score_entry(forecast["per_seed"][0], name)["score"]])
     return lines + markdown_table(["score", "AUROC", "what it is"], rows)
 
 

@@ -18,7 +18,7 @@ import torch
 from dcr_fast import atomic, fingerprint, models
 from dcr_fast.config import config_from_dict, config_to_dict
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC, Prompt, load_benchmark
-from dcr_fast.data.files import load_pairs, load_prompts
+from dcr_fast.data.files import load_pairs, load_prompts, read_jsonl
 from dcr_fast.reproduce.config import ReproduceConfig
 from dcr_fast.reproduce.protocol_data import DATA_SEED, INSTRUCTIONS, SAFETY_HELDOUT, benchmark_source
 
@@ -233,7 +233,7 @@ def evaluation_sets(plan: Plan) -> dict[str, list[Prompt]]:
     for name in [*plan.config["benchmarks"], INSTRUCTIONS, SAFETY_HELDOUT]:
         path = Path(plan.data(f"eval-{name}"))
         if path.exists():
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = read_jsonl(path, f"reproduce: the evaluated prompts of {name!r}")
             sets[name] = [Prompt(r["text"], r["category"], r["source"], r.get("subset")) for r in rows]
     return sets
 
@@ -283,7 +283,7 @@ def _xstest_split(plan: Plan, eval_dir: Path) -> dict[str, Any] | None:
     if not generations.exists():
         return None
     seen = set(read_prompts(plan.data("dcr-seemingly-toxic")))
-    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(generations, "reproduce: the XSTest generations")
     split = {"in_dcr": [r for r in rows if r["category"] == SEEMINGLY_TOXIC and r["prompt"] in seen],
              "held_out": [r for r in rows if r["category"] == SEEMINGLY_TOXIC and r["prompt"] not in seen]}
     return {name: {"compliance": 1 - sum(r["refusal"] for r in part) / len(part), "n": len(part)}
