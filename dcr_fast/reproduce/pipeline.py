@@ -25,7 +25,7 @@ from typing import Any
 from dcr_fast import atomic, models
 from dcr_fast.config import config_to_dict
 from dcr_fast.reproduce import protocol_data
-from dcr_fast.reproduce.config import RUNS, ReproduceConfig
+from dcr_fast.reproduce.config import ReproduceConfig
 from dcr_fast.reproduce.forecasting import forecast_job
 from dcr_fast.reproduce.jobs import Job, run_jobs
 from dcr_fast.reproduce.stages import Plan, answers_job, entk_job, eval_job, layer_job, train_job, write_pairs
