@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
-from dcr_fast import atomic, models
+from dcr_fast import atomic, distributed, models
 from dcr_fast.chat import encode_prompt
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.data.files import check_source, load_prompts
-from dcr_fast import atomic, distributed, models
 from dcr_fast.distributed import gather_rows
 from dcr_fast.runtime import set_seed
 from dcr_fast.train.cli import check_model_and_out, register_stage
