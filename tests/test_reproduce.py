@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -218,40 +217,56 @@ def test_changed_data_settings_in_the_same_folder_are_refused(data_root, tiny_mo
         prepare(_config(tmp_path / "out", data_root, tiny_model, safety_examples=4), STAGES)
 
 
-class _Bigram(torch.nn.Module):
-    """A language model whose next-token logits depend on the current token only."""
+def _fidelity_setup():
+    from dcr_fast.chat import encode_prompt
+    from dcr_fast.tiny import tiny_model, tiny_tokenizer
 
-    def __init__(self, vocab: int, banned: list[int], seed: int) -> None:
-        super().__init__()
-        table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
-        table[:, banned] = -1e9  # never predicts a special token, so answers re-tokenize exactly
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, ids):
-        return types.SimpleNamespace(logits=self.table[ids])
-
-    def greedy(self, ids: list[int], steps: int) -> list[int]:
-        out = []
-        for _ in range(steps):
-            out.append(int(self.table[(out or ids)[-1]].argmax()))
-        return out
+    prompts = ["how do i bake bread ?", "name three colors .", "what is a river ?", "why ?"]
+    tokenizer = tiny_tokenizer(prompts + ["red green blue water flour"])
+    model, other = (tiny_model(tokenizer, architecture="llama", dtype=torch.float64, attn_implementation="sdpa", seed=s)
+                    for s in (0, 1))
+    banned = tokenizer.all_special_ids
+    for m in (model, other):  # never predicts a special token, so each answer re-tokenizes exactly
+        m.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: out.index_fill(-1, torch.tensor(banned), -1e9))
+    pairs = []
+    for p in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, p)])
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        pairs.append((p, tokenizer.decode(out[0, ids.shape[1] :])))
+    return model, other, tokenizer, pairs
 
 
 def test_answer_fidelity_is_one_on_the_models_own_greedy_answers():
     """Teacher-forced on its own greedy answers a model agrees with every token; another does not."""
-    from dcr_fast.chat import encode_prompt
     from dcr_fast.reproduce.stages import answer_fidelity
-    from dcr_fast.tiny import tiny_tokenizer
 
-    prompts = ["how do i bake bread ?", "name three colors .", "what is a river ?"]
-    tokenizer = tiny_tokenizer(prompts + ["red green blue water flour"])
-    banned = tokenizer.all_special_ids
-    model, other = (_Bigram(len(tokenizer), banned, seed) for seed in (0, 1))
-    pairs = [(p, tokenizer.decode(model.greedy(encode_prompt(tokenizer, p), 4))) for p in prompts]
+    model, other, tokenizer, pairs = _fidelity_setup()
     own = answer_fidelity(model, tokenizer, pairs)
-    assert own["agreement"] == 1.0 and own["tokens"] == 4 * len(prompts)
+    assert own["agreement"] == 1.0 and own["tokens"] == 4 * len(pairs)
     theirs = answer_fidelity(other, tokenizer, pairs)
     assert theirs["agreement"] < 1.0 and theirs["nll"] > own["nll"]
+
+
+@pytest.mark.parametrize("row_tokens", [1, 30, 4096])
+def test_packed_answer_fidelity_equals_one_pair_at_a_time(row_tokens):
+    from dcr_fast.chat import encode_prompt
+    from dcr_fast.reproduce.stages import answer_fidelity
+
+    _, other, tokenizer, pairs = _fidelity_setup()
+    nll, agree, count = 0.0, 0, 0
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            prompt_ids = encode_prompt(tokenizer, prompt)
+            ids = torch.tensor([prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"]])
+            logits = other(ids).logits[0, len(prompt_ids) - 1 : -1]
+            targets = ids[0, len(prompt_ids) :]
+            nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            agree += int((logits.argmax(-1) == targets).sum())
+            count += len(targets)
+    packed = answer_fidelity(other, tokenizer, pairs, row_tokens=row_tokens)
+    assert packed["tokens"] == count and packed["agreement"] == agree / count
+    assert packed["nll"] == pytest.approx(nll / count, rel=1e-12)
 
 
 # --- the job runner --------------------------------------------------------------------------------

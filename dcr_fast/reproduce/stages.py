@@ -252,29 +252,57 @@ def general_proxy(plan: Plan, model, tokenizer) -> dict[str, float]:
 
 
 @torch.no_grad()
-def answer_fidelity(model, tokenizer, pairs: list[tuple[str, str]]) -> dict[str, float]:
+def answer_fidelity(model, tokenizer, pairs: list[tuple[str, str]], *, row_tokens: int = 2048) -> dict[str, float]:
     """Per-token NLL and argmax agreement of ``model`` on (prompt, answer) pairs, teacher-forced,
-    over each answer's own tokens (not the chat template's end-of-turn tokens after it)."""
+    over each answer's own tokens (not the chat template's end-of-turn tokens after it).
+
+    The pairs run packed, about ``row_tokens`` tokens to a row, each attending to itself only,
+    and only the positions that predict an answer token reach the output layer.
+    """
+    from dcr_fast.attention import packed_attention, packed_kwargs
     from dcr_fast.chat import encode_prompt
 
-    if not pairs:
-        return {}
     device = next(model.parameters()).device
-    nll, agree, count = 0.0, 0, 0
+    encoded = []
     for prompt, answer in pairs:
         prompt_ids = encode_prompt(tokenizer, prompt)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            continue
-        ids = torch.tensor([prompt_ids + answer_ids], device=device)
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        targets = ids[0, len(prompt_ids) :]
+        if answer_ids:
+            encoded.append((prompt_ids, answer_ids))
+    nll, agree, count = 0.0, 0, 0
+    for row in _rows(encoded, row_tokens):
+        ids = [t for prompt_ids, answer_ids in row for t in prompt_ids + answer_ids]
+        positions = [i for prompt_ids, answer_ids in row for i in range(len(prompt_ids) + len(answer_ids))]
+        scored, start = [], 0  # the positions that predict an answer token
+        for prompt_ids, answer_ids in row:
+            scored += range(start + len(prompt_ids) - 1, start + len(prompt_ids) + len(answer_ids) - 1)
+            start += len(prompt_ids) + len(answer_ids)
+        with packed_attention(model):
+            hidden = model.get_decoder()(
+                input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                use_cache=False, **packed_kwargs([len(p) + len(a) for p, a in row], device)).last_hidden_state[0]
+        logits = model.get_output_embeddings()(hidden[torch.tensor(scored, device=device)])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+        targets = torch.tensor([t for _, answer_ids in row for t in answer_ids], device=device)
         nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         agree += int((logits.argmax(-1) == targets).sum())
-        count += len(answer_ids)
+        count += len(targets)
     if not count:
         return {}
     return {"nll": nll / count, "agreement": agree / count, "answers": len(pairs), "tokens": count}
+
+
+def _rows(encoded: list[tuple[list[int], list[int]]], row_tokens: int) -> list[list[tuple[list[int], list[int]]]]:
+    """``encoded`` in order, cut into rows of about ``row_tokens`` tokens (at least one pair each)."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    size = row_tokens
+    for pair in encoded:
+        if size + len(pair[0]) + len(pair[1]) > row_tokens:
+            rows.append([])
+            size = 0
+        rows[-1].append(pair)
+        size += len(pair[0]) + len(pair[1])
+    return rows
 
 
 def _xstest_split(plan: Plan, eval_dir: Path) -> dict[str, Any] | None:
@@ -292,17 +320,23 @@ def _xstest_split(plan: Plan, eval_dir: Path) -> dict[str, Any] | None:
 
 def _xstest_separation(plan: Plan, model, tokenizer) -> dict[str, Any] | None:
     """k-means separability (A.9) of XSTest safe vs unsafe prompts at the refined layer: whether the
-    Circle stage's separation reaches prompts it never saw (a measurement, never used to tune)."""
-    from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy, last_token_hidden_states
+    Circle stage's separation reaches prompts it never saw (a measurement, never used to tune).
+    The states are the Circle stage's own: packed, and only the layers up to the refined one run."""
+    from dcr_fast.chat import encode_prompt
+    from dcr_fast.evaluation.separability import kmeans_hungarian_accuracy
+    from dcr_fast.train.dcr import prompt_embeddings
 
     prompts = evaluation_sets(plan).get("xstest")
     if not prompts:
         return None
     layer = dcr_layer(plan)
-    texts = [p.text for p in prompts]
-    labels = [p.category for p in prompts]
-    hidden = last_token_hidden_states(model, tokenizer, texts, batch_size=plan.config["eval_batch_size"], progress=False)
-    return {"layer": layer, "kmeans_accuracy": kmeans_hungarian_accuracy(hidden[layer], labels), "prompts": len(texts)}
+    encoded = [encode_prompt(tokenizer, p.text) for p in prompts]
+    device = next(model.parameters()).device
+    batch = plan.config["eval_batch_size"]
+    hidden = torch.cat([prompt_embeddings(model, encoded[i : i + batch], layer, device=device, nll=False)[0].float()
+                        for i in range(0, len(encoded), batch)])
+    return {"layer": layer, "kmeans_accuracy": kmeans_hungarian_accuracy(hidden.cpu(), [p.category for p in prompts]),
+            "prompts": len(prompts)}
 
 
 # --- eNTK before and after DCR ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from dcr_fast import atomic, distributed, models
+from dcr_fast.attention import packed_attention, packed_kwargs
 from dcr_fast.chat import encode_prompt
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.data.files import check_source, load_prompts
@@ -136,8 +137,9 @@ def run_dcr(config: DCRConfig) -> dict[str, Any]:
         metrics["nll"] = nll.item()
         return StepResult(loss=circle + config.nll_weight * nll, tokens=sum(map(len, prompts)), metrics=metrics)
 
-    summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="dcr",
-                        parallel=parallel)
+    with packed_attention(model, backward_inside=True):  # checkpointed layers recompute the same way
+        summary = run_steps(model=model, plan=plan, micro_step=micro_step, config=config, out_dir=config.out, desc="dcr",
+                            parallel=parallel)
     changed = sorted(name for name, p in frozen.items() if not torch.equal(local(p).detach(), snapshot[name]))
     if distributed.any_rank(bool(changed), device):
         raise RuntimeError(f"frozen parameters changed during DCR training: {changed[:5] or 'on another rank'}")
@@ -158,18 +160,22 @@ def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: to
     input_ids = torch.tensor([[t for p in prompts for t in p]], device=device)
     positions = torch.tensor([[i for p in prompts for i in range(len(p))]], device=device)
     last = torch.tensor([len(p) for p in prompts], device=device).cumsum(0) - 1
+    bounds = packed_kwargs([len(p) for p in prompts], device)
     if not nll:
-        return _first_layers_output(model, input_ids, positions, layer)[0, last], None
+        return _first_layers_output(model, input_ids, positions, layer, bounds)[0, last], None
     targets = torch.tensor([[t for p in prompts for t in p[1:] + [IGNORE_INDEX]]], device=device)
-    out = model(input_ids=input_ids, position_ids=positions, use_cache=False, output_hidden_states=True)
+    with packed_attention(model):
+        out = model(input_ids=input_ids, position_ids=positions, use_cache=False, output_hidden_states=True, **bounds)
     embeddings = out.hidden_states[layer][0, last]
     logits = out.logits[0].to(torch.promote_types(out.logits.dtype, torch.float32))  # bf16 up, float64 kept
     loss = torch.nn.functional.cross_entropy(logits, targets[0], ignore_index=IGNORE_INDEX, reduction="sum")
     return embeddings, loss
 
 
-def _first_layers_output(model, input_ids: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
-    """The output of decoder layer ``layer`` (1-based), running only the layers up to it."""
+def _first_layers_output(model, input_ids: torch.Tensor, positions: torch.Tensor, layer: int,
+                         bounds: dict[str, object]) -> torch.Tensor:
+    """The output of decoder layer ``layer`` (1-based), running only the layers up to it
+    (``bounds``: :func:`~dcr_fast.attention.packed_kwargs` of the row's prompts)."""
     decoder = model.get_decoder()
     layers = decoder.layers
     captured: list[torch.Tensor] = []
@@ -177,7 +183,8 @@ def _first_layers_output(model, input_ids: torch.Tensor, positions: torch.Tensor
         lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
     decoder.layers = torch.nn.ModuleList(list(layers)[:layer])
     try:
-        decoder(input_ids=input_ids, position_ids=positions, use_cache=False)
+        with packed_attention(model):
+            decoder(input_ids=input_ids, position_ids=positions, use_cache=False, **bounds)
     finally:
         decoder.layers = layers
         hook.remove()

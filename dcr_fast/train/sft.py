@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dcr_fast.attention import packed_attention, packed_kwargs
 from dcr_fast.chat import encode_example, encode_prompt
 from dcr_fast.data.files import check_source, load_pairs
 from dcr_fast import distributed, models
@@ -99,8 +100,9 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
             loss_sum = parallel(sft_loss_sum, batch, packed=config.packing, device=device, chunk=config.loss_chunk)
         return StepResult(loss=loss_sum * weight / step_tokens[step], tokens=int(weight) * sum(len(e.input_ids) for e in batch))
 
-    summary = run_steps(model=model, plan=rank_share(plan, config, distributed.rank(), distributed.world_size()),
-                        micro_step=micro_step, config=config, out_dir=config.out, desc="sft", parallel=parallel)
+    with packed_attention(model, backward_inside=True):  # checkpointed layers recompute the same way
+        summary = run_steps(model=model, plan=rank_share(plan, config, distributed.rank(), distributed.world_size()),
+                            micro_step=micro_step, config=config, out_dir=config.out, desc="sft", parallel=parallel)
     summary["examples"] = len(examples)
     return finish_run(summary, model, tokenizer, config)
 
@@ -196,8 +198,8 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
                  all_logits: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the targeted tokens of ``batch``.
 
-    ``packed``: one row, examples back to back, position ids restarting per example, no mask
-    (transformers derives the block-diagonal causal mask from the restarting positions). The
+    ``packed``: one row, examples back to back, position ids restarting per example, no mask,
+    each example attending to itself only (:mod:`dcr_fast.attention`). The
     decoder runs on the row and the output layer only on the hidden states of targeted
     positions, ``chunk`` of them at a time when there are more (0: all at once): each
     chunk's logits live only inside a checkpoint, recomputed in backward, so logits memory
@@ -214,7 +216,9 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
     keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
     targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
     head = _output_layer(model)
-    hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+    with packed_attention(model):
+        hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                     **packed_kwargs([len(e.input_ids) for e in batch], device)).last_hidden_state
     hidden = hidden[0, torch.tensor(keep, dtype=torch.long, device=device)]
     if all_logits or not chunk or len(keep) <= chunk:
         return _head_loss_sum(head, hidden, targets)
