@@ -128,3 +128,39 @@ def test_rows_stop_once_decided(tokenizer, words):
         else:
             assert cut == whole
     assert early != full  # some row was cut short: the test is not vacuous
+
+
+SYSTEM = "You are a careful assistant. Answer the question and explain why, in plain words, for a reader new to it."
+
+
+@pytest.mark.parametrize("architecture,dtype,attention", SETTINGS)
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_a_shared_prefix_runs_once_and_changes_no_answer(tokenizer, architecture, dtype, attention, batch_size,
+                                                         monkeypatch):
+    """Every prompt here opens with the same system turn: it is run once and each batch starts
+    from its cache; the answers equal those of whole prompts, batched and one at a time."""
+    from dcr_fast.evaluation import generation
+
+    model = tiny_model(tokenizer, architecture=architecture, dtype=dtype, attn_implementation=attention)
+    config = GenerationConfig(max_new_tokens=7, batch_size=batch_size, system_prompt=SYSTEM, progress=False)
+    built = []
+    build = generation.SharedPrefix.build
+    monkeypatch.setattr(generation.SharedPrefix, "build", classmethod(
+        lambda cls, *args: built.append(build(*args)) or built[-1]))
+    shared = generate(model, tokenizer, PROMPTS, config)
+    assert built[-1].cache is not None and len(built[-1].ids) >= generation.SharedPrefix.MIN_TOKENS
+    monkeypatch.setattr(generation.SharedPrefix, "MIN_TOKENS", 10**6)
+    whole = generate(model, tokenizer, PROMPTS, config)
+    assert built[-1].cache is None
+    assert shared == whole and any(shared)
+    single = [generate(model, tokenizer, [p], GenerationConfig(max_new_tokens=7, system_prompt=SYSTEM,
+                                                               progress=False))[0] for p in PROMPTS]
+    assert shared == single
+
+
+def test_common_prefix_length():
+    from dcr_fast.evaluation.generation import _common_prefix_length
+
+    assert _common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
+    assert _common_prefix_length([[7, 1], [8, 1]]) == 0
+    assert _common_prefix_length([[1, 2, 3]]) == 3

@@ -102,3 +102,20 @@ def test_bad_input(tokenizer):
         candidate_log_probs(model, tokenizer, PROMPTS, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="tokenize to no tokens: \\[' '\\]"):
         candidate_log_probs(model, tokenizer, PROMPTS, ("No.", " "), progress=False)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_shared_system_turn_runs_once_and_matches_the_reference(tokenizer, attention, monkeypatch):
+    from dcr_fast.evaluation import generation
+
+    system = " ".join(PROMPTS[2].split()[:12])  # a long system turn every prompt shares
+    model = tiny_model(tokenizer, architecture="llama", dtype=torch.float64, attn_implementation=attention)
+    built = []
+    build = generation.SharedPrefix.build
+    monkeypatch.setattr(generation.SharedPrefix, "build", classmethod(
+        lambda cls, *args: built.append(build(*args)) or built[-1]))
+    fast = candidate_log_probs(model, tokenizer, PROMPTS[:3], batch_size=2, system_prompt=system, progress=False)
+    assert built[-1].cache is not None and len(built[-1].ids) >= generation.SharedPrefix.MIN_TOKENS
+    reference = candidate_log_probs_reference(model, tokenizer, PROMPTS[:3], system_prompt=system, progress=False)
+    rtol, atol = TOLERANCE[(torch.float64, attention)]
+    assert_close(fast, reference, rtol=rtol, atol=atol, what=f"log-probs with a shared system turn ({attention})")

@@ -3,14 +3,18 @@
 Prompts are rendered with the tokenizer's own chat template (the paper evaluates each model
 family with its official template), sorted by length so batches carry little padding,
 left-padded so every row's last prompt token sits at the same position, and decoded greedily
-until each row emits EOS or reaches `max_new_tokens`. Outputs come back in input order.
+until each row emits EOS or reaches `max_new_tokens`. The token prefix all prompts share (the
+template's system turn) runs once, its KV cache copied into every batch. Outputs come back in
+input order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -64,12 +68,14 @@ def generate(
     outputs: list[str] = [""] * len(encoded)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     with eval_mode(model):
+        shared = SharedPrefix.build(model, encoded)
         for batch in tqdm(batches, desc="generate", disable=not config.progress, leave=False):
-            input_ids, attention_mask = pad_batch([encoded[i] for i in batch], pad_id, _device(model))
+            input_ids, attention_mask, cache = shared.batch([encoded[i] for i in batch], pad_id)
             stop = _StopWhenDecided(tokenizer, input_ids.shape[1], eos, decided) if decided else None
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                past_key_values=cache,
                 do_sample=False,
                 max_new_tokens=config.max_new_tokens,
                 eos_token_id=eos,
@@ -83,6 +89,56 @@ def generate(
                     tokens = tokens[: stop.lengths[row]]
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return outputs
+
+
+@dataclass
+class SharedPrefix:
+    """The token prefix every prompt shares (a chat template's default system turn: half of a
+    short prompt's tokens for SmolLM2 or Qwen2.5), run once; each batch starts from a copy of its
+    KV cache. A batch is laid out as the prefix, then the rows' own tokens left-padded: the
+    attention mask hides the padding between the two and the position ids (from the mask) are
+    those of the unpadded prompt, so every row computes what it would alone."""
+
+    ids: list[int]
+    cache: Any  # DynamicCache of the prefix, batch 1; None: nothing shared
+    device: torch.device
+
+    MIN_TOKENS: ClassVar[int] = 8  # below this, copying the cache costs about what it saves
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: torch.nn.Module, encoded: Sequence[Sequence[int]]) -> SharedPrefix:
+        from transformers import DynamicCache
+
+        device = _device(model)
+        # every row keeps at least one token of its own, which generation starts from
+        length = min(_common_prefix_length(encoded), min(len(e) for e in encoded) - 1)
+        if length < cls.MIN_TOKENS:
+            return cls([], None, device)
+        ids = list(encoded[0][:length])
+        cache = model.get_decoder()(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+        if type(cache) is not DynamicCache:  # sliding-window and hybrid caches: not shared
+            return cls([], None, device)
+        return cls(ids, cache, device)
+
+    def batch(self, rows: Sequence[Sequence[int]], pad_id: int, *,
+              side: str = "left") -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(input_ids, attention_mask, cache or None) of ``rows`` (whole prompts): the prefix,
+        then each row's own tokens padded on ``side``; the cache holds the prefix's keys and values."""
+        if self.cache is None:
+            return (*pad_batch(rows, pad_id, self.device, side=side), None)
+        own, mask = pad_batch([row[len(self.ids) :] for row in rows], pad_id, self.device, side=side)
+        prefix = torch.tensor([self.ids], device=self.device).expand(len(rows), -1)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(rows))
+        return torch.cat([prefix, own], dim=1), torch.cat([torch.ones_like(prefix), mask], dim=1), cache
+
+
+def _common_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    first, length = encoded[0], min(len(e) for e in encoded)
+    for e in encoded[1:]:
+        length = next((i for i in range(length) if e[i] != first[i]), length)
+    return length
 
 
 class _StopWhenDecided(StoppingCriteria):

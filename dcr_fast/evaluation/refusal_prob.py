@@ -2,7 +2,8 @@
 of refusal openings, P_refuse(x) = Σ_{y∈S} Π_t P(y_t | x, y_<t).
 
 Every candidate continues the same chat-templated prompt, so the prompt is run once per
-prompt, not once per candidate. `candidate_log_probs` does it in two forwards per batch of
+prompt, not once per candidate (and the token prefix all prompts share, the template's system
+turn, once in all: `SharedPrefix`). `candidate_log_probs` does it in two forwards per batch of
 prompts:
 
 1. the prompts (right-padded) fill the KV cache; each prompt's last position scores every
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dcr_fast.evaluation.generation import chat_texts, eval_mode, pad_batch, pad_token_id
+from dcr_fast.evaluation.generation import SharedPrefix, chat_texts, eval_mode, pad_token_id
 
 # Appendix A.5's set S, in the paper's order; typographic apostrophes written as "'".
 REFUSAL_SET = (
@@ -115,15 +116,19 @@ def candidate_log_probs(
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     scores = []
     with eval_mode(model):
+        shared = SharedPrefix.build(model, prompt_ids)  # the template's system turn, run once
+        skip = len(shared.ids)
         for start in tqdm(range(0, len(prompt_ids), batch_size), desc="refusal probability",
                           disable=not progress, leave=False):
             # Right padding: a left-padded row's pad queries would see nothing, and a fully
             # masked row turns to NaN in eager attention run in float64.
-            input_ids, mask = pad_batch(prompt_ids[start : start + batch_size], pad_id, device, side="right")
+            input_ids, mask, cache = shared.batch(prompt_ids[start : start + batch_size], pad_id, side="right")
             rows = input_ids.shape[0]
             lengths = mask.sum(-1)
-            prefix = decoder(input_ids=input_ids, attention_mask=mask, use_cache=True)
-            last = prefix.last_hidden_state[torch.arange(rows, device=device), lengths - 1]
+            positions = torch.arange(skip, input_ids.shape[1], device=device).expand(rows, -1)
+            prefix = decoder(input_ids=input_ids[:, skip:], attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            last = prefix.last_hidden_state[torch.arange(rows, device=device), lengths - 1 - skip]
             score = _token_log_probs(head, last, tree.first_tokens.expand(rows, -1))  # [rows, K]
             if tree.inputs.numel():
                 rest = decoder(
