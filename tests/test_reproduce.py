@@ -310,3 +310,16 @@ def test_a_failed_job_is_named_with_its_log(tmp_path):
 def test_jobs_listed_before_their_dependencies_are_refused(tmp_path):
     with pytest.raises(ValueError, match="depends on"):
         run_jobs([Job("c", _bug, (), ("a",)), Job("a", _bug)], workers=1, threads=0, log_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("delta,holds", [(0.09, True), (-0.04, True), (-0.06, False)])
+def test_keeping_safety_means_not_more_than_the_tolerance_below_stl(delta, holds):
+    from dcr_fast.reproduce.report import claim_checks
+
+    def run(compliance: float, safety: float) -> dict:
+        return {"over_refusal_compliance": {"mean": compliance}, "safety": {"mean": safety}}
+
+    runs = {"base": run(0.9, 0.1), "stl": run(0.6, 0.7), "dcr+stl": run(0.7, 0.7 + delta)}
+    checks = claim_checks(runs)
+    assert checks["dcr_keeps_safety"]["holds"] is holds
+    assert checks["all_hold"] is holds and checks["dcr_complies_more"]["holds"]

@@ -111,8 +111,9 @@ def claim_checks(runs: dict[str, Any]) -> dict[str, Any]:
                         "STL's mean defense success is above the base model's"),
         "dcr_complies_more": (mean("dcr+stl", "over_refusal_compliance") > mean("stl", "over_refusal_compliance"),
                               "DCR+STL's compliance is above STL's"),
-        "dcr_keeps_safety": (abs(mean("dcr+stl", "safety") - mean("stl", "safety")) <= SAFETY_TOLERANCE,
-                             f"DCR+STL's defense success is within {SAFETY_TOLERANCE} of STL's"),
+        # "keeps the safety": no more than the tolerance below STL's; defending more is not a failure
+        "dcr_keeps_safety": (mean("dcr+stl", "safety") >= mean("stl", "safety") - SAFETY_TOLERANCE,
+                             f"DCR+STL's defense success is at least STL's minus {SAFETY_TOLERANCE}"),
     }
     return {name: {"holds": bool(holds), "what": what} for name, (holds, what) in checks.items()} | {
         "all_hold": all(holds for holds, _ in checks.values()),
