@@ -1,6 +1,7 @@
 """Atomic outputs: a failed write leaves the previous file (or directory) and no debris."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_new_files_follow_the_umask_as_ordinary_files_do(tmp_path, umask):
         atomic.write_text(tmp_path / "atomic", "x")
         atomic.write(tmp_path / "by-writer.npy", lambda tmp: open(tmp, "wb").close(), suffix=".npy")
         with atomic.directory(tmp_path / "folder") as tmp:
-            (tmp_path / "folder.tmp" / "f").write_text("x")
+            (Path(tmp) / "f").write_text("x")
         os.mkdir(tmp_path / "ordinary-folder")
     finally:
         os.umask(before)

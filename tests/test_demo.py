@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import pytest
+import yaml
 
+import dcr_fast
 from dcr_fast.demo.examples import HELDOUT_BENCHMARKS, load_example_set
 from dcr_fast.demo.run import EVALUATED, RUNS, DemoConfig, build_report, register, write_demo_data
 from dcr_fast.evaluation import is_refusal
@@ -174,7 +177,9 @@ def test_demo_without_tiny_is_reproduce_on_the_builtin_model(monkeypatch, tmp_pa
     assert args.func(args) == 0
     config = seen["config"]
     assert (config.model, config.out, config.data, config.seeds) == ("smollm2-135m-instruct", str(tmp_path), "/data", [3, 4])
-    assert config.eval_limit == 50 and seen["stages"]["sft"]["lora"]  # the cpu preset
+    preset = yaml.safe_load((Path(dcr_fast.__file__).parent / "configs" / "reproduce-cpu.yaml").read_text())
+    assert config.eval_limit == preset["reproduce"]["eval_limit"] and seen["stages"] == {
+        "dcr": preset["dcr"], "sft": preset["sft"]}  # the cpu preset
     with pytest.raises(ValueError, match="--hidden-size: only with --tiny"):
         args = parser.parse_args(["demo", "--out", str(tmp_path), "--hidden-size", "64"])
         args.func(args)

@@ -37,7 +37,7 @@ RUNNERS = {"dcr": (DCRConfig, run_dcr), "sft": (SFTConfig, run_sft)}
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
     texts = SEEMINGLY + TOXIC + [t for pair in PAIRS for t in pair]
-    model = save_tiny_model(str(folder / "model"), texts, hidden_size=32, layers=3, intermediate_size=64, seed=1)
+    save_tiny_model(str(folder / "model"), texts, hidden_size=32, layers=3, intermediate_size=64, seed=1)
     (folder / "seemingly.txt").write_text("\n".join(SEEMINGLY) + "\n")
     (folder / "toxic.txt").write_text("\n".join(TOXIC) + "\n")
     (folder / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
