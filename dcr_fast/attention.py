@@ -35,6 +35,15 @@ def packed_kwargs(lengths: Sequence[int], device: torch.device | str) -> dict[st
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
+def packed_row(sequences: Sequence[Sequence[int]],
+               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """``sequences`` back to back in one row: (input_ids [1, T], position_ids restarting per
+    sequence, :func:`packed_kwargs`), ready for a forward inside :func:`packed_attention`."""
+    input_ids = torch.tensor([[t for s in sequences for t in s]], device=device)
+    positions = torch.tensor([[i for s in sequences for i in range(len(s))]], device=device)
+    return input_ids, positions, packed_kwargs([len(s) for s in sequences], device)
+
+
 @contextlib.contextmanager
 def packed_attention(model: torch.nn.Module, *, backward_inside: bool = False) -> Iterator[None]:
     """Within this block an SDPA ``model``'s packed forwards attend per example (other

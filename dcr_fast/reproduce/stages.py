@@ -259,7 +259,7 @@ def answer_fidelity(model, tokenizer, pairs: list[tuple[str, str]], *, row_token
     The pairs run packed, about ``row_tokens`` tokens to a row, each attending to itself only,
     and only the positions that predict an answer token reach the output layer.
     """
-    from dcr_fast.attention import packed_attention, packed_kwargs
+    from dcr_fast.attention import packed_attention, packed_row
     from dcr_fast.chat import encode_prompt
 
     device = next(model.parameters()).device
@@ -271,16 +271,14 @@ def answer_fidelity(model, tokenizer, pairs: list[tuple[str, str]], *, row_token
             encoded.append((prompt_ids, answer_ids))
     nll, agree, count = 0.0, 0, 0
     for row in _rows(encoded, row_tokens):
-        ids = [t for prompt_ids, answer_ids in row for t in prompt_ids + answer_ids]
-        positions = [i for prompt_ids, answer_ids in row for i in range(len(prompt_ids) + len(answer_ids))]
+        input_ids, positions, bounds = packed_row([prompt_ids + answer_ids for prompt_ids, answer_ids in row], device)
         scored, start = [], 0  # the positions that predict an answer token
         for prompt_ids, answer_ids in row:
             scored += range(start + len(prompt_ids) - 1, start + len(prompt_ids) + len(answer_ids) - 1)
             start += len(prompt_ids) + len(answer_ids)
         with packed_attention(model):
-            hidden = model.get_decoder()(
-                input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                use_cache=False, **packed_kwargs([len(p) + len(a) for p, a in row], device)).last_hidden_state[0]
+            hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                         **bounds).last_hidden_state[0]
         logits = model.get_output_embeddings()(hidden[torch.tensor(scored, device=device)])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
         targets = torch.tensor([t for _, answer_ids in row for t in answer_ids], device=device)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from dcr_fast import atomic, distributed, models
-from dcr_fast.attention import packed_attention, packed_kwargs
+from dcr_fast.attention import packed_attention, packed_row
 from dcr_fast.chat import encode_prompt
 from dcr_fast.data import SEEMINGLY_TOXIC, TOXIC
 from dcr_fast.data.files import check_source, load_prompts
@@ -157,10 +157,8 @@ def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: to
     ``nll=False`` only the decoder layers up to ``layer`` run (the rest would feed the NLL
     alone), and the NLL is None.
     """
-    input_ids = torch.tensor([[t for p in prompts for t in p]], device=device)
-    positions = torch.tensor([[i for p in prompts for i in range(len(p))]], device=device)
+    input_ids, positions, bounds = packed_row(prompts, device)
     last = torch.tensor([len(p) for p in prompts], device=device).cumsum(0) - 1
-    bounds = packed_kwargs([len(p) for p in prompts], device)
     if not nll:
         return _first_layers_output(model, input_ids, positions, layer, bounds)[0, last], None
     targets = torch.tensor([[t for p in prompts for t in p[1:] + [IGNORE_INDEX]]], device=device)
@@ -175,7 +173,7 @@ def prompt_embeddings(model, prompts: list[list[int]], layer: int, *, device: to
 def _first_layers_output(model, input_ids: torch.Tensor, positions: torch.Tensor, layer: int,
                          bounds: dict[str, object]) -> torch.Tensor:
     """The output of decoder layer ``layer`` (1-based), running only the layers up to it
-    (``bounds``: :func:`~dcr_fast.attention.packed_kwargs` of the row's prompts)."""
+    (``bounds``: the :func:`~dcr_fast.attention.packed_row` keywords of the row's prompts)."""
     decoder = model.get_decoder()
     layers = decoder.layers
     captured: list[torch.Tensor] = []

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dcr_fast.attention import packed_attention, packed_kwargs
+from dcr_fast.attention import packed_attention, packed_row
 from dcr_fast.chat import encode_example, encode_prompt
 from dcr_fast.data.files import check_source, load_pairs
 from dcr_fast import distributed, models
@@ -210,15 +210,14 @@ def sft_loss_sum(model, batch: list[Example], *, packed: bool, device: torch.dev
     """
     if not packed:
         return _padded_loss_sum(model, batch, device)
-    input_ids = torch.tensor([[t for e in batch for t in e.input_ids]], device=device)
-    positions = torch.tensor([[p for e in batch for p in range(len(e.input_ids))]], device=device)
+    input_ids, positions, bounds = packed_row([e.input_ids for e in batch], device)
     flat = [t for e in batch for t in e.targets]
     keep = [i for i, t in enumerate(flat) if all_logits or t != IGNORE_INDEX]  # on the host: no device sync
     targets = torch.tensor([flat[i] for i in keep], dtype=torch.long, device=device)
     head = _output_layer(model)
     with packed_attention(model):
         hidden = model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False,
-                                     **packed_kwargs([len(e.input_ids) for e in batch], device)).last_hidden_state
+                                     **bounds).last_hidden_state
     hidden = hidden[0, torch.tensor(keep, dtype=torch.long, device=device)]
     if all_logits or not chunk or len(keep) <= chunk:
         return _head_loss_sum(head, hidden, targets)
